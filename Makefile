@@ -1,0 +1,19 @@
+# Two commands do everything: `make demo` (train on the built-in corpus) and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench-cpu
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	$(BIN)/centrifuge train $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+bench-cpu: setup
+	$(BIN)/centrifuge bench --preset tiny --device cpu --reps 2

@@ -1,0 +1,5 @@
+import sys
+
+from centrifuge.cli.main import main
+
+sys.exit(main())

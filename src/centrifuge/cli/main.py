@@ -1,0 +1,49 @@
+"""`centrifuge` command line: one sub-command per module in this package.
+
+Each sub-command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``; imports of the heavy
+parts (torch, transformers) happen inside ``run`` so that ``centrifuge --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module under centrifuge.cli
+COMMANDS = {
+    "train": "centrifuge.cli.train_cmd",
+    "bench": "centrifuge.cli.bench_cmd",
+    "score-reference": "centrifuge.cli.score_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="centrifuge",
+        description="Faster training of Hugging Face decoder LLMs by skipping tokens and neurons.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # sub-command not built yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Per-token cross-entropy of an LM head without [tokens, vocab] fp32 logits in memory at once.
+
+Reference: ``reference_token_loss`` (full logits, plain autograd).
+Fast path on the CPU: ``chunked_token_loss`` (rows in chunks; each chunk's logits are recomputed in the
+backward instead of saved, so memory is O(chunk × vocab)). On CUDA, a fused kernel from liger-kernel is
+used when it is installed (``fused_token_loss``); tests compare all of them.
+
+Conventions: ``hidden`` [N, d] rows are *prediction positions*; ``targets`` [N] holds the next token id
+or ``IGNORE_INDEX`` (-100). Losses of ignored rows are 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """HF convention: ``labels`` [B, T] align with ``input_ids``; position t predicts labels[t+1].
+
+    Returns the targets per prediction position [B, T] (last position ignored)."""
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def reference_token_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N] per-token CE computed from full fp32 logits (the reference)."""
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token CE of ``hidden @ weight.T`` computed chunk by chunk; backward recomputes chunk logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        losses = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        lse_all = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = F.linear(hidden[rows], weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = targets[rows]
+            valid = tgt != IGNORE_INDEX
+            picked = logits.gather(1, tgt.clamp_min(0)[:, None]).squeeze(1)
+            losses[rows] = torch.where(valid, lse - picked, 0.0)
+            lse_all[rows] = lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.chunk_size = chunk_size
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            tgt = targets[rows]
+            scale = torch.where(tgt != IGNORE_INDEX, grad_losses[rows].float(), 0.0)
+            if not bool((scale != 0).any()):
+                continue
+            logits = F.linear(hidden[rows], weight, bias).float()
+            dlogits = torch.exp(logits - lse_all[rows, None])
+            dlogits.scatter_add_(1, tgt.clamp_min(0)[:, None], -torch.ones_like(dlogits[:, :1]))
+            dlogits *= scale[:, None]
+            dlogits = dlogits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = dlogits @ weight
+            if grad_weight is not None:
+                grad_weight += (dlogits.t() @ hidden[rows]).float()
+            if grad_bias is not None:
+                grad_bias += dlogits.float().sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def chunked_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """[N] per-token CE (fp32) of ``hidden`` [N, d] against ``weight`` [V, d]; differentiable.
+
+    At most ``chunk_size`` × V logits exist at once, in the forward and in the backward."""
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """Per-token CE [N] through the best available path (chunked everywhere; see module docstring)."""
+    return chunked_token_loss(hidden, weight, targets, bias, chunk_size=chunk_size)

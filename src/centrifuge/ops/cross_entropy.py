@@ -25,11 +25,16 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (exactness tests); everything else accumulates in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def reference_token_loss(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """[N] per-token CE computed from full fp32 logits (the reference)."""
-    logits = F.linear(hidden, weight, bias).float()
+    logits = F.linear(hidden, weight, bias).to(_accumulation_dtype(hidden))
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
@@ -38,11 +43,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size):
-        losses = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-        lse_all = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        acc = _accumulation_dtype(hidden)
+        losses = hidden.new_zeros(hidden.shape[0], dtype=acc)
+        lse_all = hidden.new_zeros(hidden.shape[0], dtype=acc)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = F.linear(hidden[rows], weight, bias).float()
+            logits = F.linear(hidden[rows], weight, bias).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             tgt = targets[rows]
             valid = tgt != IGNORE_INDEX
@@ -58,15 +64,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if (need_b and bias is not None) else None
+        acc = _accumulation_dtype(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if (need_b and bias is not None) else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             tgt = targets[rows]
-            scale = torch.where(tgt != IGNORE_INDEX, grad_losses[rows].float(), 0.0)
+            scale = torch.where(tgt != IGNORE_INDEX, grad_losses[rows].to(acc), 0.0)
             if not bool((scale != 0).any()):
                 continue
-            logits = F.linear(hidden[rows], weight, bias).float()
+            logits = F.linear(hidden[rows], weight, bias).to(acc)
             dlogits = torch.exp(logits - lse_all[rows, None])
             dlogits.scatter_add_(1, tgt.clamp_min(0)[:, None], -torch.ones_like(dlogits[:, :1]))
             dlogits *= scale[:, None]
@@ -74,9 +81,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[rows] = dlogits @ weight
             if grad_weight is not None:
-                grad_weight += (dlogits.t() @ hidden[rows]).float()
+                grad_weight += (dlogits.t() @ hidden[rows]).to(acc)
             if grad_bias is not None:
-                grad_bias += dlogits.float().sum(0)
+                grad_bias += dlogits.to(acc).sum(0)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:

@@ -1,0 +1,95 @@
+"""``centrifuge.apply`` / ``centrifuge.revert``: patch one model instance, and undo it exactly.
+
+``apply`` rebinds the instance's ``forward`` (the class and every other instance stay untouched). The
+patched forward takes the per-step selection explicitly — ``keep_mask=`` or ``select=`` — and runs the
+chosen token-filtering mode; a call with neither (evaluation, generation) runs the original forward.
+Parameters and buffers are never replaced, so ``revert`` gives back the original model bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import types
+
+import torch.nn as nn
+
+from centrifuge.models.registry import spec_for
+from centrifuge.tokens.forward import MODES, fast_forward, reference_forward
+
+log = logging.getLogger("centrifuge")
+_STATE_ATTR = "_centrifuge_patch"
+
+
+@dataclasses.dataclass
+class PatchState:
+    mode: str
+    attention: str
+    had_instance_forward: bool
+    original_forward: object
+
+
+def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> nn.Module:
+    """Patch ``model`` (an HF causal LM of a supported ``model_type``) in place and return it.
+
+    Args:
+        mode: "fast" (token-sparse backward), "reference" (plain autograd with filtered tokens' keys and
+            values detached in every attention layer: the oracle), or "loss_only" (masked loss, full
+            backward).
+        attention: attention backend of the fast path: "auto" (FlashAttention varlen on CUDA where it
+            applies, else the math path), "math" or "flash".
+
+    After ``apply``: ``model(input_ids=..., labels=..., keep_mask=keep)`` or ``model(..., select=fn)``
+    returns a ``TokenFilterOutput``; without either it is the original forward.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if attention not in ("auto", "math", "flash"):
+        raise ValueError(f"unknown attention backend {attention!r}; choose auto, math or flash")
+    spec = spec_for(model)
+    if hasattr(model, _STATE_ATTR):
+        revert(model)
+    had_instance_forward = "forward" in vars(model)
+    original = model.forward
+    setattr(model, _STATE_ATTR, PatchState(mode, attention, had_instance_forward, original))
+    run = functools.partial(fast_forward, attention=attention) if mode == "fast" else functools.partial(
+        reference_forward, detach_filtered_kv=(mode == "reference"))
+
+    def forward(self, *args, keep_mask=None, select=None, num_items_in_batch=None,
+                return_token_loss: bool = False, **kwargs):
+        if keep_mask is None and select is None:
+            return original(*args, num_items_in_batch=num_items_in_batch, **kwargs) \
+                if num_items_in_batch is not None else original(*args, **kwargs)
+        if args:
+            raise TypeError("pass input_ids and the other inputs by keyword to a Centrifuge-patched model")
+        unknown = set(kwargs) - {"input_ids", "attention_mask", "position_ids", "labels", "use_cache"}
+        if unknown:
+            raise TypeError(f"unsupported arguments with token filtering: {', '.join(sorted(unknown))}")
+        kwargs.pop("use_cache", None)
+        return run(self, spec, keep_mask=keep_mask, select=select, num_items_in_batch=num_items_in_batch,
+                   return_token_loss=return_token_loss, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    log.info("centrifuge: patched %s (model_type=%s, mode=%s, %d layers)", type(model).__name__,
+             spec.model_type, mode, len(model.model.layers))
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the instance's forward is the original again. A no-op for unpatched models."""
+    state: PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    if state.had_instance_forward:
+        model.forward = state.original_forward
+    else:
+        del model.forward
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def patch_mode(model: nn.Module) -> str | None:
+    """The mode ``model`` is patched with, or None."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.mode

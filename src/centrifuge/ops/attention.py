@@ -1,0 +1,163 @@
+"""Attention for the token-sparse backward: a full forward, and a backward for kept tokens only.
+
+Layout: token rows, ``q`` [N, H, D], ``k``/``v`` [N, Hkv, D] (GQA when Hkv < H, never repeated in memory
+by the math path), visibility from a ``TokenLayout``. Every backend provides
+
+* ``forward(q, k, v, layout, scale) -> (o [N, H, D], aux)``: ordinary attention over all rows, plus what
+  its backward needs (``aux``: the log-sum-exp, in the backend's own layout);
+* ``backward_kept(do_k, ...) -> (dq_k, dk_k, dv_k)``: the reference semantics of the token-sparse
+  backward for the kept rows ``keep`` [M]: dQ of kept queries against *all* visible keys (the full-row
+  log-sum-exp and D = rowsum(dO ∘ O) keep it exact), and dK / dV of kept keys from kept queries only
+  (filtered keys are constants).
+
+Backends: ``MathAttention`` (any device and dtype, the CPU path and the reference for the others) and
+``FlashVarlenAttention`` (CUDA: PyTorch's FlashAttention-2 varlen kernels; its backward runs on all rows with
+dO = 0 on filtered queries, which gives exactly the kept-token gradients at the cost of a full backward).
+A fused Triton kernel that does only the needed work plugs in as a third backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from centrifuge.tokens.layout import TokenLayout
+
+
+class MathAttention:
+    """Explicit softmax attention, one batch row at a time (segments never cross rows).
+
+    Computes in float32 (float64 for float64 inputs); memory O(H × T²) per row, so meant for the CPU,
+    tests and small shapes."""
+
+    name = "math"
+    needs_full_queries = False  # backward_kept reads q / o / lse of kept rows only
+
+    @staticmethod
+    def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def _row_slices(layout: TokenLayout):
+        T = layout.seqlen
+        for b in range(layout.batch):
+            yield torch.arange(b * T, (b + 1) * T, device=layout.segment.device)
+
+    def forward(self, q, k, v, layout: TokenLayout, scale: float):
+        N, H, D = q.shape
+        Hkv = k.shape[1]
+        G = H // Hkv
+        ct = self._compute_dtype(q)
+        o = torch.empty_like(q)
+        lse = torch.empty(N, H, dtype=torch.float32 if ct == torch.float32 else ct, device=q.device)
+        for rows in self._row_slices(layout):
+            qb = q[rows].to(ct).view(-1, Hkv, G, D)
+            kb, vb = k[rows].to(ct), v[rows].to(ct)
+            s = torch.einsum("qhgd,khd->hgqk", qb, kb) * scale
+            s = s.masked_fill(~layout.visible(rows, rows), float("-inf"))
+            m = torch.logsumexp(s, dim=-1)  # [Hkv, G, T]
+            p = torch.exp(s - m[..., None])
+            ob = torch.einsum("hgqk,khd->qhgd", p, vb)
+            o[rows] = ob.reshape(-1, H, D).to(q.dtype)
+            lse[rows] = m.permute(2, 0, 1).reshape(-1, H).to(lse.dtype)
+        return o, lse
+
+    def backward_kept(self, do_k, *, q, k, v, o, aux, keep, layout: TokenLayout, scale: float,
+                      queries_compact: bool):
+        """``q``/``o``/``aux`` are [M, ...] when ``queries_compact`` else [N, ...]."""
+        M, H, D = do_k.shape
+        Hkv = k.shape[1]
+        G = H // Hkv
+        ct = self._compute_dtype(do_k)
+        if not queries_compact:
+            q, o, aux = q[keep], o[keep], aux[keep]
+        dq = torch.zeros(M, H, D, dtype=ct, device=do_k.device)
+        dk = torch.zeros(M, Hkv, D, dtype=ct, device=do_k.device)
+        dv = torch.zeros(M, Hkv, D, dtype=ct, device=do_k.device)
+        T = layout.seqlen
+        kept_row_of = keep // T
+        for b in range(layout.batch):
+            sel = torch.nonzero(kept_row_of == b).flatten()  # positions in the compact [M] arrays
+            if sel.numel() == 0:
+                continue
+            rows = torch.arange(b * T, (b + 1) * T, device=do_k.device)
+            kq = keep[sel]  # flat row ids of kept queries / keys in this batch row
+            qb = q[sel].to(ct).view(-1, Hkv, G, D)
+            dob = do_k[sel].to(ct).view(-1, Hkv, G, D)
+            ob = o[sel].to(ct).view(-1, Hkv, G, D)
+            lb = aux[sel].to(ct).view(-1, Hkv, G).permute(1, 2, 0)  # [Hkv, G, m]
+            kb, vb = k[rows].to(ct), v[rows].to(ct)
+            s = torch.einsum("qhgd,khd->hgqk", qb, kb) * scale
+            vis = layout.visible(kq, rows)
+            p = torch.exp(s - lb[..., None]).masked_fill(~vis, 0.0)  # [Hkv, G, m, T]
+            dp = torch.einsum("qhgd,khd->hgqk", dob, vb)
+            delta = (dob * ob).sum(-1).permute(1, 2, 0)  # D = rowsum(dO ∘ O): [Hkv, G, m]
+            ds = p * (dp - delta[..., None])
+            dq[sel] = (torch.einsum("hgqk,khd->qhgd", ds, kb) * scale).reshape(-1, H, D)
+            # dK / dV of kept keys from kept queries only: restrict the key axis to kept rows.
+            key_cols = kq - b * T
+            dk[sel] = torch.einsum("hgqk,qhgd->khd", ds[..., key_cols], qb) * scale
+            dv[sel] = torch.einsum("hgqk,qhgd->khd", p[..., key_cols], dob)
+        return dq.to(do_k.dtype), dk.to(do_k.dtype), dv.to(do_k.dtype)
+
+
+class FlashVarlenAttention:
+    """CUDA FlashAttention-2 (PyTorch's built-in varlen kernels), fp16/bf16, head_dim ≤ 256, GQA native.
+
+    Needs contiguous segments (packed documents and right/left padding are; padding in the middle of a
+    row is not). The backward computes on all rows with dO zero on filtered queries: exact for the kept
+    rows, no saving in attention work (the fused kernel removes that)."""
+
+    name = "flash"
+    needs_full_queries = True
+
+    @staticmethod
+    def supports(q: torch.Tensor, layout: TokenLayout) -> bool:
+        return (
+            q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0 and layout.contiguous
+        )
+
+    @staticmethod
+    def _window(layout: TokenLayout) -> dict:
+        if layout.sliding_window is None:
+            return {}
+        return {"window_size_left": layout.sliding_window - 1, "window_size_right": 0}
+
+    def forward(self, q, k, v, layout: TokenLayout, scale: float):
+        cu = layout.cu_seqlens
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, 0.0, True, False, scale=scale,
+            **self._window(layout),
+        )
+        return out, (lse, rng_state, unused)
+
+    def backward_kept(self, do_k, *, q, k, v, o, aux, keep, layout: TokenLayout, scale: float,
+                      queries_compact: bool):
+        if queries_compact:
+            raise ValueError("the flash backend needs the full-row q / o / lse")
+        lse, rng_state, unused = aux
+        do = torch.zeros_like(o)
+        do.index_copy_(0, keep, do_k)
+        cu = layout.cu_seqlens
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            do, q, k, v, o, lse, cu, cu, layout.max_seqlen, layout.max_seqlen, 0.0, True, rng_state, unused,
+            scale=scale, **self._window(layout),
+        )
+        return dq[keep], dk[keep], dv[keep]
+
+
+_MATH = MathAttention()
+_FLASH = FlashVarlenAttention()
+BACKENDS = {"math": _MATH, "flash": _FLASH}
+
+
+def choose_backend(name: str, q: torch.Tensor, layout: TokenLayout):
+    """``name``: "auto" (flash where it applies, else math), "math" or "flash"."""
+    if name == "auto":
+        return _FLASH if FlashVarlenAttention.supports(q, layout) else _MATH
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(BACKENDS)}")
+    backend = BACKENDS[name]
+    if backend is _FLASH and not FlashVarlenAttention.supports(q, layout):
+        raise ValueError("the flash backend needs CUDA, fp16/bf16, head_dim ≤ 256 and contiguous segments")
+    return backend

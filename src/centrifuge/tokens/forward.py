@@ -1,0 +1,272 @@
+"""Whole-model forwards of the three token-filtering modes.
+
+Every mode computes the same loss — the sum of next-token cross-entropy over *counted* tokens (kept and
+labelled), divided by ``num_items_in_batch`` when given (the global count across micro-batches and ranks)
+or by the local count — and differs only in the backward:
+
+* ``reference``: plain autograd through the Hugging Face model, with the keys and values of filtered
+  tokens detached in every attention layer. The oracle of the token-sparse backward.
+* ``loss_only``: plain autograd, nothing detached (Rho-1's loss masking: the exact gradient of the
+  masked loss, at full backward cost).
+* ``fast``: the token-sparse backward (``centrifuge.tokens.layer``): every backward GEMM runs on kept rows.
+
+The keep set arrives one of two ways: ``keep_mask`` [B, T] before the forward, or ``select``, a callable
+``select(scores=token_loss [B, T] fp32, valid=[B, T] bool) -> keep [B, T] bool`` called after the
+forward on the current model's per-token loss (exact Rho-1 scoring).
+
+Conventions: positions are *prediction positions*: row t predicts ``labels[t + 1]`` (HF's shift), so
+``keep_mask[b, t]`` keeps the prediction made at t. Padding is never kept; tokens without a label may be
+kept (their keys and values then stay trainable) but never count in the loss. Selectors keep only labelled
+tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import ModelOutput
+
+from centrifuge.models.registry import ArchSpec
+from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss
+from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState, token_sparse_layer
+from centrifuge.tokens.layout import TokenLayout
+
+Selector = Callable[..., torch.Tensor]
+MODES = ("fast", "reference", "loss_only")
+
+
+class EmptySelectionError(ValueError):
+    """No token of the batch is kept: refusing to run a step that would train on nothing."""
+
+
+@dataclasses.dataclass
+class TokenFilterOutput(ModelOutput):
+    """Output of a token-filtering forward.
+
+    Attributes:
+        loss: scalar, sum of counted tokens' CE / (num_items_in_batch or num_counted).
+        loss_sum: scalar, the un-normalized sum (what gradient accumulation adds up).
+        num_counted: int64 scalar, kept tokens that have a label.
+        num_labelled: int64 scalar, tokens that have a label (kept or not).
+        keep_mask: [B, T] bool, the rows kept for the backward.
+        token_loss: [B, T] fp32 per-token loss of every position (0 where unlabelled), without grad;
+            present when the selection needed it or ``return_token_loss`` was set.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    num_counted: torch.Tensor | None = None
+    num_labelled: torch.Tensor | None = None
+    keep_mask: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.lm_head
+    return head.weight, head.bias
+
+
+def _token_loss_rows(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row CE [R] (fp32) of final hidden rows h [R, d] (before the final norm)."""
+    weight, bias = _lm_head(model)
+    return token_loss(model.model.norm(h), weight, targets, bias)
+
+
+def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> torch.Tensor:
+    if not isinstance(keep, torch.Tensor) or keep.shape != shape:
+        got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"{name} must be a bool tensor of shape {shape}, got {got}")
+    if keep.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got dtype {keep.dtype}")
+    return keep
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Flattened view of one micro-batch: N = B × T prediction rows."""
+
+    B: int
+    T: int
+    targets: torch.Tensor  # [N] next-token ids or IGNORE_INDEX
+    labelled: torch.Tensor  # [N] bool
+    valid: torch.Tensor  # [N] bool, not padding
+    position_ids: torch.Tensor  # [B, T]
+
+    @classmethod
+    def make(cls, input_ids, attention_mask, position_ids, labels) -> _Batch:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0,
+                                                                                  IGNORE_INDEX)
+        if labels.shape != (B, T):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {(B, T)}")
+        targets = shift_labels(labels).reshape(-1)
+        valid = (torch.ones(B * T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
+                 else attention_mask.reshape(-1).bool())
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        return cls(B, T, targets, (targets != IGNORE_INDEX) & valid, valid, position_ids.expand(B, T))
+
+
+def _resolve_keep(batch: _Batch, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final keep rows (sorted [M]) and counted mask [N]; refuses an empty selection."""
+    keep = keep.reshape(-1) & batch.valid
+    counted = keep & batch.labelled
+    if not bool(counted.any()):
+        raise EmptySelectionError(
+            "no token of this batch is kept (all filtered, padded or unlabelled); refusing to run a step "
+            "that would train on nothing"
+        )
+    return torch.nonzero(keep).flatten(), counted
+
+
+def _select(select: Selector, batch: _Batch, token_loss_flat: torch.Tensor) -> torch.Tensor:
+    scores = token_loss_flat.view(batch.B, batch.T)
+    keep = select(scores=scores, valid=batch.labelled.view(batch.B, batch.T))
+    return _check_selection(keep, "the selector's result", (batch.B, batch.T))
+
+
+def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, token_loss_flat):
+    num_counted = counted.sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else num_counted
+    keep_mask = torch.zeros(batch.B * batch.T, dtype=torch.bool, device=counted.device)
+    keep_mask[keep_rows] = True
+    return TokenFilterOutput(
+        loss=loss_sum / denom, loss_sum=loss_sum, num_counted=num_counted,
+        num_labelled=batch.labelled.sum(), keep_mask=keep_mask.view(batch.B, batch.T),
+        token_loss=None if token_loss_flat is None else token_loss_flat.view(batch.B, batch.T),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# fast
+# --------------------------------------------------------------------------------------------------------
+
+
+def fast_forward(
+    model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
+    keep_mask=None, select: Selector | None = None, num_items_in_batch=None, attention: str = "auto",
+    return_token_loss: bool = False,
+) -> TokenFilterOutput:
+    """The token-sparse forward (see the module docstring for the arguments)."""
+    batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
+    if keep_mask is not None:
+        _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
+    inner = model.model
+    B, T = batch.B, batch.T
+    embeds = inner.embed_tokens(input_ids)  # [B, T, d]
+    cos, sin = inner.rotary_emb(embeds, position_ids=batch.position_ids)  # [B, T, D]
+    layout = TokenLayout.build(
+        batch=B, seqlen=T, device=input_ids.device, attention_mask=attention_mask,
+        position_ids=None if attention_mask is not None else position_ids,
+        sliding_window=spec.sliding_window(model.config, 0),
+    )
+    keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
+    step = StepState(layout=layout, cos=cos.reshape(B * T, -1), sin=sin.reshape(B * T, -1), keep=keep_rows,
+                     attention=attention)
+    h = embeds.reshape(B * T, -1)
+    if not h.requires_grad:  # frozen embeddings (e.g. LoRA): still drive the layers' backward
+        h = h.detach().requires_grad_(True)
+    h = DensifyGrad.apply(h)
+    for idx, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
+        window = spec.sliding_window(model.config, idx)
+        if window != step.layout.sliding_window:
+            step.layout = dataclasses.replace(step.layout, sliding_window=window)
+        h = token_sparse_layer(h, layer, spec, step, idx)
+
+    all_loss = None
+    if select is not None or return_token_loss:
+        with torch.no_grad():
+            all_loss = _token_loss_rows(model, h, batch.targets)
+    if select is not None:
+        keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
+        step.keep = keep_rows
+    h_kept = GatherRows.apply(h, keep_rows)
+    kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
+    loss_sum = _token_loss_rows(model, h_kept, kept_targets).sum()
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
+
+
+# --------------------------------------------------------------------------------------------------------
+# reference and loss_only: plain autograd through the HF model
+# --------------------------------------------------------------------------------------------------------
+
+REFERENCE_ATTENTION = "centrifuge_reference"
+
+
+def _reference_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with the keys / values of filtered tokens detached (``centrifuge_keep`` [B, T] bool)."""
+    keep = kwargs.pop("centrifuge_keep", None)
+    if keep is not None:
+        k_mask = keep[:, None, :, None]
+        key = torch.where(k_mask, key, key.detach())
+        value = torch.where(k_mask, value, value.detach())
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention)
+AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)
+
+
+def _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
+    """Final hidden states [N, d] *before* the final norm, through the HF model's own forward."""
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, **kwargs)
+    # HF applies the final norm inside model.model; undo nothing — return normed rows with a flag.
+    return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+
+
+def _normed_token_loss(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    weight, bias = _lm_head(model)
+    return token_loss(normed, weight, targets, bias)
+
+
+def reference_forward(
+    model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
+    keep_mask=None, select: Selector | None = None, num_items_in_batch=None, detach_filtered_kv: bool = True,
+    return_token_loss: bool = False, **_ignored,
+) -> TokenFilterOutput:
+    """``reference`` (``detach_filtered_kv=True``) and ``loss_only`` (False) modes."""
+    batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
+    if keep_mask is not None:
+        _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
+    all_loss = None
+    if select is not None or return_token_loss:
+        # Selection needs the current model's loss on every token; the reference spends a separate
+        # no-grad forward on it (it is an oracle, not a fast path).
+        with torch.no_grad():
+            normed = _hf_hidden(model, input_ids, attention_mask, position_ids)
+            all_loss = _normed_token_loss(model, normed, batch.targets)
+    if select is not None:
+        keep_mask = _select(select, batch, all_loss)
+    if keep_mask is None:
+        raise ValueError("pass keep_mask or select")
+    keep_rows, counted = _resolve_keep(batch, keep_mask)
+    kwargs = {}
+    if detach_filtered_kv:
+        keep_bt = torch.zeros_like(batch.valid)
+        keep_bt[keep_rows] = True
+        kwargs["centrifuge_keep"] = keep_bt.view(batch.B, batch.T)
+    previous = model.config._attn_implementation
+    if detach_filtered_kv:
+        model.config._attn_implementation = REFERENCE_ATTENTION
+    try:
+        normed = _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
+    finally:
+        model.config._attn_implementation = previous
+    targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
+    loss_sum = _normed_token_loss(model, normed, targets).sum()
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)

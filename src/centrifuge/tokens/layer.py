@@ -1,0 +1,294 @@
+"""The token-sparse decoder layer: full-row forward, backward on kept rows only.
+
+One recipe (``attention_inputs`` + ``layer_output``) describes a Llama-family decoder layer on token rows
+[R, d]. It runs twice with different ways of doing a linear layer and attention:
+
+* forward (``_TokenSparseLayer.forward``): on all N rows without autograd, exactly the dense forward,
+  saving what the backward needs — all rows when the keep set is decided after the forward (exact Rho-1
+  selection), only the kept rows when it is known before (the activation-memory saving);
+* backward: a small autograd graph over the M kept rows is *replayed* from the saved tensors. Linear layers
+  do not recompute their GEMMs (``_SavedLinear`` returns the saved output and does only dX = dY·W and
+  dW = dYᵀ·X on M rows); norms, RoPE and the gated activation recompute cheaply on M rows; attention returns
+  its saved output and its backward is the backend's kept-token backward. So every GEMM of the backward
+  has M = kept rows.
+
+Between layers the gradient travels as a row-sparse COO tensor (indices = kept rows, values [M, d]), so no
+zero-filled [N, d] gradient is ever built between layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from centrifuge.models.registry import ArchSpec
+from centrifuge.ops.attention import choose_backend
+from centrifuge.tokens.layout import TokenLayout
+
+Linear = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The layer recipe, on token rows
+# --------------------------------------------------------------------------------------------------------
+
+
+def attention_inputs(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, linear: Linear):
+    """x [R, d] → q [R, H, D], k [R, Hkv, D], v [R, Hkv, D] after (q/k norm and) RoPE."""
+    attn = layer.self_attn
+    D = attn.head_dim
+    n = layer.input_layernorm(x)
+    q = linear(attn.q_proj, n, "q_proj").view(x.shape[0], -1, D)
+    k = linear(attn.k_proj, n, "k_proj").view(x.shape[0], -1, D)
+    v = linear(attn.v_proj, n, "v_proj").view(x.shape[0], -1, D)
+    if spec.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = spec.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    return q, k, v
+
+
+def layer_output(layer: nn.Module, x: torch.Tensor, o: torch.Tensor, linear: Linear) -> torch.Tensor:
+    """x [R, d], attention output o [R, H, D] → layer output [R, d]."""
+    h = x + linear(layer.self_attn.o_proj, o.reshape(o.shape[0], -1), "o_proj")
+    n2 = layer.post_attention_layernorm(h)
+    mlp = layer.mlp
+    a = mlp.act_fn(linear(mlp.gate_proj, n2, "gate_proj")) * linear(mlp.up_proj, n2, "up_proj")
+    return h + linear(mlp.down_proj, a, "down_proj")
+
+
+# Linear outputs whose *values* the replayed graph needs (their consumers' backward reads them).
+def _value_outputs(spec: ArchSpec) -> tuple[str, ...]:
+    names = ("o_proj", "gate_proj", "up_proj")
+    return names + (("q_proj", "k_proj") if spec.qk_norm else ())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-step state shared by the layers of one forward
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepState:
+    """What every layer of one forward needs; created per forward call, passed explicitly.
+
+    Attributes:
+        layout: attention visibility of the flattened batch.
+        cos, sin: [N, D] rotary tables of the rows.
+        keep: [M] int64 sorted kept row ids, or None until the selection after the forward sets it.
+        attention: backend name ("auto", "math", "flash").
+    """
+
+    layout: TokenLayout
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keep: torch.Tensor | None
+    attention: str = "auto"
+    _kept_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def require_keep(self) -> torch.Tensor:
+        if self.keep is None:
+            raise RuntimeError("token-sparse backward reached before the keep set was chosen")
+        return self.keep
+
+    def kept_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the kept rows [M, D], gathered once per step for all layers."""
+        if self._kept_rope is None:
+            keep = self.require_keep()
+            self._kept_rope = (self.cos.index_select(0, keep), self.sin.index_select(0, keep))
+        return self._kept_rope
+
+
+# --------------------------------------------------------------------------------------------------------
+# Autograd pieces
+# --------------------------------------------------------------------------------------------------------
+
+
+def sparse_rows(values: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """A row-sparse COO gradient: ``values`` [M, d] at sorted unique ``rows`` [M] of an [N, d] tensor."""
+    return torch.sparse_coo_tensor(
+        rows[None], values, (num_rows, *values.shape[1:]), is_coalesced=True, check_invariants=False
+    )
+
+
+def dense_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The [M, d] rows ``rows`` of a gradient that is either dense or row-sparse COO."""
+    if grad.is_sparse:
+        indices = grad._indices()
+        if indices.shape[1] == rows.shape[0] and indices.data_ptr() == rows.data_ptr():
+            return grad._values()  # our own compact gradient, passed through untouched
+        grad = grad.to_dense()
+    return grad.index_select(0, rows)
+
+
+class GatherRows(torch.autograd.Function):
+    """h [N, d] → h[rows] [M, d]; the backward returns a row-sparse gradient (no [N, d] zeros)."""
+
+    @staticmethod
+    def forward(ctx, h, rows):
+        ctx.rows, ctx.num_rows = rows, h.shape[0]
+        return h.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return sparse_rows(grad, ctx.rows, ctx.num_rows), None
+
+
+class DensifyGrad(torch.autograd.Function):
+    """Identity whose backward turns a row-sparse gradient dense (for ops such as the embedding)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to_dense() if grad.is_sparse else grad
+
+
+class _SavedLinear(torch.autograd.Function):
+    """A linear layer whose output is already known: backward only, on the rows it is given.
+
+    forward(x [M, in], weight [out, in], bias, out_values [M, out] or None) returns ``out_values``
+    (zeros when the graph never reads the values)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_values):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if out_values is None:
+            return x.new_zeros(x.shape[0], weight.shape[0])
+        return out_values.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dt = dy.dtype
+        dx = dy @ weight.to(dt) if ctx.needs_input_grad[0] else None
+        dw = (dy.t() @ x.to(dt)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = dy.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+class _SavedAttention(torch.autograd.Function):
+    """Attention of the kept rows whose output is already known; backward = backend.backward_kept."""
+
+    @staticmethod
+    def forward(ctx, q_k, k_k, v_k, o_k, attn):
+        ctx.attn = attn
+        return o_k.clone()
+
+    @staticmethod
+    def backward(ctx, do_k):
+        dq, dk, dv = ctx.attn(do_k.contiguous())
+        return dq, dk, dv, None, None
+
+
+def _saved_linear(outputs: dict[str, torch.Tensor]) -> Linear:
+    def linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+        if type(module) is nn.Linear:
+            return _SavedLinear.apply(x, module.weight, module.bias, outputs.get(name))
+        return module(x)  # e.g. a PEFT LoRA layer: recompute on the kept rows (row-wise, so exact)
+    return linear
+
+
+# --------------------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------------------
+
+
+def _autocast_state(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class _TokenSparseLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layer_idx: int):
+        device_type = x.device.type
+        ctx.autocast = _autocast_state(device_type)
+        outputs: dict[str, torch.Tensor] = {}
+        value_names = _value_outputs(spec)
+
+        def record(module, inp, name):
+            out = module(inp)
+            if name in value_names:
+                outputs[name] = out
+            return out
+
+        q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record)
+        backend = choose_backend(step.attention, q, step.layout)
+        scale = layer.self_attn.scaling
+        o, aux = backend.forward(q, k, v, step.layout, scale)
+        y = layer_output(layer, x, o, record)
+
+        # What to keep: row-wise tensors (all rows, or kept rows when the keep set is known already),
+        # full-row K / V (kept queries read every key), and q / o / lse per the backend's needs.
+        compact = step.keep is not None
+        rowwise = {"x": x, "o": o, **outputs}
+        queries = {"q": q, "aux": aux} if isinstance(aux, torch.Tensor) else {"q": q}
+        if compact:
+            keep = step.keep
+            rowwise = {n: t.index_select(0, keep) for n, t in rowwise.items()}
+            if not backend.needs_full_queries:
+                queries = {n: t.index_select(0, keep) for n, t in queries.items()}
+        if not compact or backend.needs_full_queries:
+            queries["o_full"] = o
+        ctx.rowwise_names = list(rowwise)
+        ctx.query_names = list(queries)
+        ctx.save_for_backward(*rowwise.values(), *queries.values(), k, v)
+        ctx.aux_other = None if isinstance(aux, torch.Tensor) else aux
+        ctx.layer, ctx.spec, ctx.step, ctx.backend, ctx.scale = layer, spec, step, backend, scale
+        ctx.compact = compact
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        step: StepState = ctx.step
+        keep = step.require_keep()
+        saved = list(ctx.saved_tensors)
+        n_row, n_q = len(ctx.rowwise_names), len(ctx.query_names)
+        rowwise = dict(zip(ctx.rowwise_names, saved[:n_row], strict=True))
+        queries = dict(zip(ctx.query_names, saved[n_row:n_row + n_q], strict=True))
+        k_full, v_full = saved[n_row + n_q:]
+        if not ctx.compact:
+            rowwise = {n: t.index_select(0, keep) for n, t in rowwise.items()}
+        backend = ctx.backend
+        compact_queries = ctx.compact and not backend.needs_full_queries
+        aux = queries.get("aux", ctx.aux_other)
+        q_for_bwd = queries["q"]
+        o_for_bwd = queries["o_full"] if "o_full" in queries else rowwise["o"]
+        if compact_queries:
+            o_for_bwd = rowwise["o"]
+
+        def attention_backward(do_k):
+            return backend.backward_kept(
+                do_k, q=q_for_bwd, k=k_full, v=v_full, o=o_for_bwd, aux=aux, keep=keep,
+                layout=step.layout, scale=ctx.scale, queries_compact=compact_queries,
+            )
+
+        dy = dense_rows(grad_y, keep)
+        layer, spec = ctx.layer, ctx.spec
+        device_type = dy.device.type
+        autocast = (torch.autocast(device_type, dtype=ctx.autocast) if ctx.autocast is not None
+                    else torch.autocast(device_type, enabled=False))
+        with torch.enable_grad(), autocast:
+            x = rowwise["x"].detach().requires_grad_(True)
+            linear = _saved_linear(rowwise)
+            q, k, v = attention_inputs(layer, spec, x, *step.kept_rope(), linear)
+            o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
+            y = layer_output(layer, x, o, linear)
+            torch.autograd.backward(y, dy.to(y.dtype))
+        return sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None
+
+
+def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: StepState,
+                       layer_idx: int) -> torch.Tensor:
+    """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d]."""
+    return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx)
+
+

@@ -153,15 +153,16 @@ class _SavedLinear(torch.autograd.Function):
     """A linear layer whose output is already known: backward only, on the rows it is given.
 
     forward(x [M, in], weight [out, in], bias, out_values [M, out] or None) returns ``out_values``
-    (zeros when the graph never reads the values)."""
+    itself (no copy), or an uninitialised tensor when nothing in the replayed graph reads the values
+    (RoPE, residual adds and the attention replay need only gradients, never these values)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, out_values):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         if out_values is None:
-            return x.new_zeros(x.shape[0], weight.shape[0])
-        return out_values.clone()
+            return x.new_empty(x.shape[0], weight.shape[0])
+        return out_values
 
     @staticmethod
     def backward(ctx, dy):
@@ -179,7 +180,7 @@ class _SavedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_k, k_k, v_k, o_k, attn):
         ctx.attn = attn
-        return o_k.clone()
+        return o_k
 
     @staticmethod
     def backward(ctx, do_k):

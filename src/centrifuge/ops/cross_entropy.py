@@ -2,8 +2,9 @@
 
 Reference: ``reference_token_loss`` (full logits, plain autograd).
 Fast path on the CPU: ``chunked_token_loss`` (rows in chunks; each chunk's logits are recomputed in the
-backward instead of saved, so memory is O(chunk × vocab)). On CUDA, a fused kernel from liger-kernel is
-used when it is installed (``fused_token_loss``); tests compare all of them.
+backward instead of saved, so memory is O(chunk × vocab)). Scores without gradient (selection, reference
+models) go through ``token_loss_no_grad``, which on CUDA uses liger-kernel's fused linear cross-entropy when
+it is installed (``fused_token_loss``) and the chunked path otherwise; tests compare the paths.
 
 Conventions: ``hidden`` [N, d] rows are *prediction positions*; ``targets`` [N] holds the next token id
 or ``IGNORE_INDEX`` (-100). Losses of ignored rows are 0.
@@ -125,3 +126,60 @@ def token_loss(
 ) -> torch.Tensor:
     """Per-token CE [N] through the best available path (chunked everywhere; see module docstring)."""
     return chunked_token_loss(hidden, weight, targets, bias, chunk_size=chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-token loss without gradient (selection scores, reference models): chunked, or fused on CUDA
+# --------------------------------------------------------------------------------------------------------
+
+LOSS_BACKENDS = ("auto", "chunked", "liger")
+
+
+def fused_token_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N] per-token CE (fp32, no grad) through liger-kernel's fused linear cross-entropy (CUDA, Triton).
+
+    Needs ``liger_kernel`` (``pip install centrifuge-llm[gpu]``) and CUDA tensors. Used for scores only:
+    inputs are detached, so no gradient is computed or returned (liger's ``reduction="none"`` backward is
+    not correct in every released version, and training losses go through ``chunked_token_loss``)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    if hidden.device.type != "cuda":
+        raise ValueError("fused_token_loss needs CUDA tensors (liger-kernel runs Triton kernels)")
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
+    with torch.no_grad():
+        out = liger_fused_linear_cross_entropy(
+            hidden.detach().contiguous(), weight.detach(), targets.contiguous(),
+            None if bias is None else bias.detach(), ignore_index=IGNORE_INDEX, reduction="none",
+        )
+    if isinstance(out, tuple):
+        out = out[0]
+    out = getattr(out, "loss", out)  # newer versions return a CrossEntropyOutput
+    return out.float().masked_fill(targets == IGNORE_INDEX, 0.0)
+
+
+def token_loss_no_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 2048,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """[N] per-token CE (fp32, 0 where ignored), without gradient, for selection or reference scores.
+
+    ``backend``: "chunked" (``chunked_token_loss``, everywhere), "liger" (``fused_token_loss``; raises if
+    unavailable), or "auto" (liger on CUDA when installed, else chunked). Either way no [N, V] fp32 logits
+    exist at once."""
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(LOSS_BACKENDS)}")
+    use_liger = backend == "liger" or (backend == "auto" and hidden.device.type == "cuda" and _liger_available())
+    if use_liger:
+        return fused_token_loss(hidden, weight, targets, bias)
+    with torch.no_grad():
+        loss = chunked_token_loss(hidden.detach(), weight.detach(), targets,
+                                  None if bias is None else bias.detach(), chunk_size=chunk_size)
+    return loss.float()

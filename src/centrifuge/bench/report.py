@@ -95,6 +95,7 @@ def environment(device: str) -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD") or os.environ.get("CENTRIFUGE_GIT_COMMIT"),
         "git_dirty": None,
         "source_sha256": source_hash(),
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     status = _git("status", "--porcelain", "--untracked-files=no")
     if status is not None:
@@ -106,7 +107,7 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")  # noqa: UP017 (Python 3.10)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -253,7 +253,8 @@ class Ideal(Variant):
     uses_keep = True
     separate_backward_graph = True
     composition = ("fwd = forward on the full B×T batch (its graph is then dropped); an untimed "
-                   "forward builds the graph of a κ·B×T batch (B×κ·T when κ·B is not an integer); bwd = "
+                   "forward builds the graph of a κ·B×T batch (B×κ·T when κ·B is not an integer: attention "
+                   "work then falls as κ², an optimistic ceiling); bwd = "
                    "that graph's backward; step = fwd + bwd + opt. Peak/activation memory are of the "
                    "compact part (fwd(κ·B) + bwd + opt); peak_full also includes the full forward")
 

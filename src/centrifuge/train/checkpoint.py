@@ -1,0 +1,382 @@
+"""Checkpoints that resume a run exactly, written atomically, read without unpickling anything.
+
+Layout of ``<run>/checkpoints/step-0000120/``:
+
+- ``model.safetensors`` + ``config.json`` (+ the tokenizer files): also a loadable Hugging Face directory;
+- ``optimizer.safetensors``: every optimizer state tensor, keyed ``"<parameter name>::<state key>"``
+  (e.g. ``model.norm.weight::exp_avg``), so state follows parameters by name, not by position;
+- ``rng.safetensors``: torch CPU (and CUDA) generator states as uint8 tensors;
+- ``state.json`` (written last): step, data position, scheduler state, optimizer hyper-parameters per
+  group (parameters by name), python and numpy RNG states, the run's config, and the size of every file.
+
+A checkpoint is written in a temporary directory next to its final place and moved there with one
+``os.replace``, so a crash (even SIGKILL) leaves either the whole checkpoint or none. Only the newest
+``keep`` are kept. Loading checks every file (present, full size, readable header, same parameter names and
+shapes as the model) before touching the model, so a bad checkpoint gives one ``CheckpointError`` and
+changes nothing. Pickle is never used (no ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_model as load_model_weights
+from torch import nn
+
+from centrifuge.train.errors import CheckpointError
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_SEP = "::"  # between parameter name and state key in optimizer.safetensors
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint of a run, oldest first. Temporary directories are skipped."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _STEP_DIR.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def save_checkpoint(
+    run_dir: str,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    extra: dict[str, Any],
+    tokenizer_dir: str | None = None,
+    keep: int = 2,
+) -> str:
+    """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep``. Returns its path.
+
+    ``extra`` (JSON-able: data position, config, eval history...) is stored in ``state.json``."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    final = os.path.join(root, checkpoint_name(step))
+    if os.path.isdir(final):  # e.g. SIGTERM right after the periodic save of the same step
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root)
+    try:
+        save_model(model, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+        if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
+            model.config.to_json_file(os.path.join(tmp, "config.json"))
+        if tokenizer_dir is not None:
+            for name in sorted(os.listdir(tokenizer_dir)):
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+        groups, scalars = _save_optimizer(model, optimizer, os.path.join(tmp, OPTIMIZER_FILE))
+        save_file(_torch_rng_tensors(), os.path.join(tmp, RNG_FILE))
+        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)}
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": files,
+            "optimizer_groups": groups,
+            "optimizer_scalars": scalars,
+            "scheduler": _json_able(scheduler.state_dict()) if scheduler is not None else None,
+            "python_rng": _python_rng_state(),
+            "numpy_rng": _numpy_rng_state(),
+            **extra,
+        }
+        _write_json(os.path.join(tmp, STATE_FILE), state)
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(run_dir, keep=keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str, *, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and temporary directories left by killed writers."""
+    root = os.path.join(run_dir, CHECKPOINTS)
+    for name in os.listdir(root):
+        if name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        trash = os.path.join(root, ".trash-" + os.path.basename(path))
+        os.replace(path, trash)  # out of sight first: a crash mid-delete never leaves a half checkpoint
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> tuple[list, dict]:
+    names = _param_names(model)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        group_names = []
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is None:
+                raise ValueError("the optimizer holds a parameter that is not part of the model")
+            group_names.append(name)
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"{name}{_SEP}{key}"] = value.detach().contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = value
+        groups.append({**_json_able({k: v for k, v in group.items() if k != "params"}), "params": group_names})
+    save_file(tensors, path)
+    return groups, scalars
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def read_state(ckpt_dir: str) -> dict[str, Any]:
+    """``state.json`` of a checkpoint, after checking that every file it lists is there in full."""
+    state_path = os.path.join(ckpt_dir, STATE_FILE)
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {STATE_FILE} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {STATE_FILE} is not valid JSON ({err})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: unknown format (expected format_version {FORMAT_VERSION})")
+    for name, size in state.get("files", {}).items():
+        path = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
+        actual = os.path.getsize(path)
+        if actual != size:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} has {actual} bytes, {size} were written")
+    return state
+
+
+def load_checkpoint(
+    ckpt_dir: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+) -> dict[str, Any]:
+    """Restore model, optimizer and scheduler from ``ckpt_dir``; return its ``state.json`` contents.
+
+    Everything is validated before anything is modified. RNG states are not applied here: call
+    ``restore_rng(state)`` right before training resumes, after anything else that draws random numbers."""
+    state = read_state(ckpt_dir)
+    model_shapes = _header_shapes(ckpt_dir, MODEL_FILE)
+    optim_shapes = _header_shapes(ckpt_dir, OPTIMIZER_FILE)
+    _header_shapes(ckpt_dir, RNG_FILE)
+    _check_model(ckpt_dir, model, model_shapes)
+    _check_optimizer(ckpt_dir, model, optimizer, state, optim_shapes)
+
+    device = next(model.parameters()).device
+    try:
+        missing, unexpected = load_model_weights(model, os.path.join(ckpt_dir, MODEL_FILE), device=str(device))
+        optim_tensors = load_file(os.path.join(ckpt_dir, OPTIMIZER_FILE))
+        rng_tensors = load_file(os.path.join(ckpt_dir, RNG_FILE))
+    except Exception as err:  # a header that parses but data that does not
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {err}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds another model ({missing or unexpected})")
+    optimizer.load_state_dict(_optimizer_state_dict(model, optimizer, state, optim_tensors))
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    state["_rng_tensors"] = rng_tensors  # for restore_rng, once every random init is done
+    return state
+
+
+def _header_shapes(ckpt_dir: str, name: str) -> dict[str, tuple[int, ...]]:
+    path = os.path.join(ckpt_dir, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: cannot read {name} ({err})") from None
+
+
+def _check_model(ckpt_dir: str, model: nn.Module, saved: dict[str, tuple[int, ...]]) -> None:
+    expected = model.state_dict()
+    by_storage: dict[int, list[str]] = {}  # tied weights share storage; the file holds one of the names
+    for key, tensor in expected.items():
+        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(key)
+    for key, tensor in expected.items():
+        if key in saved:
+            if saved[key] != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"checkpoint {ckpt_dir} holds a different model: {key} is {list(saved[key])} there "
+                    f"but {list(tensor.shape)} in this model"
+                )
+        elif not any(alias in saved for alias in by_storage[tensor.untyped_storage().data_ptr()]):
+            raise CheckpointError(f"checkpoint {ckpt_dir} holds a different model: it has no {key}")
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds a different model: {extra[0]} is not in this model")
+
+
+def _check_optimizer(
+    ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, saved: dict
+) -> None:
+    names = _param_names(model)
+    current = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    stored = [g.get("params") for g in state.get("optimizer_groups", [])]
+    if current != stored:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: its optimizer groups other parameters than this run's")
+    shapes = {name: tuple(p.shape) for p in model.parameters() if (name := names.get(id(p)))}
+    for key, shape in saved.items():
+        name, _, _ = key.partition(_SEP)
+        if name not in shapes:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: optimizer state for unknown parameter {name}")
+        if len(shape) > 0 and shape != shapes[name]:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} holds a different model: optimizer state {key} is {list(shape)}, "
+                f"the parameter is {list(shapes[name])}"
+            )
+
+
+def _optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Rebuild ``optimizer.state_dict()``'s format (parameters as indices in group order) from names."""
+    per_param: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, _, sub = key.partition(_SEP)
+        per_param.setdefault(name, {})[sub] = value
+    for name, values in state.get("optimizer_scalars", {}).items():
+        per_param.setdefault(name, {}).update(values)
+    index = 0
+    packed_state: dict[int, dict[str, Any]] = {}
+    groups = []
+    for group in state["optimizer_groups"]:
+        ids = []
+        for name in group["params"]:
+            if name in per_param:
+                packed_state[index] = per_param[name]
+            ids.append(index)
+            index += 1
+        groups.append({**group, "params": ids})
+    return {"state": packed_state, "param_groups": groups}
+
+
+# -------------------------------------------------------------------------------------------------- RNG
+
+
+def _torch_rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    return tensors
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng_state() -> list:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def restore_rng(state: dict) -> None:
+    """Apply the torch / python / numpy RNG states of a ``state`` returned by ``load_checkpoint``."""
+    tensors = state["_rng_tensors"]
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    if state.get("python_rng"):
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+    if state.get("numpy_rng"):
+        kind, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# -------------------------------------------------------------------------------------------------- utils
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its first name (tied parameters appear once, as in ``named_parameters``)."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def _json_able(value: Any) -> Any:
+    """Drop what JSON cannot hold (callables, tensors become lists/floats) from scheduler/optimizer dicts."""
+    if isinstance(value, dict):
+        return {str(k): _json_able(v) for k, v in value.items() if not isinstance(v, Callable)}
+    if isinstance(value, (list, tuple)):
+        return [_json_able(v) for v in value]
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+def _fsync(path: str) -> None:
+    """Flush a file or directory to disk (best effort: some file systems refuse directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        _write_json(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,500 @@
+"""A whole `centrifuge train` run: set-up, the step loop, evaluation, checkpoints, interruption.
+
+Set-up checks everything a user can get wrong (config, model, data, checkpoint) *before* the first write,
+so bad input ends with one ``TrainError`` and leaves the run directory as it was. Then:
+
+    eval (step 0) -> [train_step -> metrics -> eval every K -> checkpoint every C] x steps -> eval, checkpoint
+
+SIGINT / SIGTERM during the loop finish the current step, save a checkpoint and return (exit code
+128 + signal number); a second signal interrupts at once (the atomic checkpoint writer leaves no debris).
+
+Plug-ins (token filtering, neuron omission) receive a ``RunContext`` once the model and optimizer exist and
+may replace its ``loss_fn`` or add ``hooks``; ``default_plugins`` lists the ones built from config sections.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from centrifuge.train import checkpoint as ckpt
+from centrifuge.train.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+    resolve_out_dir,
+)
+from centrifuge.train.data import (
+    Datasets,
+    Document,
+    SequenceSampler,
+    build_datasets,
+    eval_batches,
+    read_documents,
+    split_documents,
+)
+from centrifuge.train.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingStoppedError
+from centrifuge.train.metrics import MetricsLogger, Progress, step_record
+from centrifuge.train.step import LossFn, StepHooks, dense_loss, evaluate, train_step
+from centrifuge.train.tokenizer import TextTokenizer, cached_bpe, has_tokenizer, load_tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class RunContext:
+    """What plug-ins see before the first step; they may set ``loss_fn`` and extend ``hooks``."""
+
+    config: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    loss_fn: LossFn = dense_loss
+    hooks: StepHooks = field(default_factory=StepHooks)
+
+
+Plugin = Callable[[RunContext], None]
+
+
+def default_plugins() -> list[Plugin]:
+    """Plug-ins configured by config sections (token filtering and neuron omission register here)."""
+    return []
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    def describe(self) -> str:
+        return f"eval loss {self.loss:.4f} (perplexity {self.perplexity:.1f}) at step {self.step}"
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    step: int  # optimizer steps completed
+    first_eval: EvalPoint | None
+    last_eval: EvalPoint | None
+    checkpoint: str | None
+    stop_signal: int | None = None  # SIGINT / SIGTERM number when the run was interrupted
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.stop_signal if self.stop_signal else 0
+
+
+# ------------------------------------------------------------------------------------------ run directory
+
+
+def load_run_config(config_path: str | None, overrides: Sequence[str] = (), *, resume: bool = False) -> Config:
+    """The CLI's config: CONFIG (or the built-in default) + overrides.
+
+    With ``resume`` and no CONFIG file, the base is the config saved in the run's newest checkpoint, so
+    ``centrifuge train --resume`` continues a run exactly as it was started."""
+    config = load_config(config_path, overrides)
+    if resume and config_path is None:
+        run_dir = find_run_dir(config.train.out_dir, resume=True)
+        saved = ckpt.read_state(ckpt.latest_checkpoint(run_dir)).get("config")
+        if isinstance(saved, dict):
+            config = config_from_dict(apply_overrides(saved, overrides), source="the checkpoint's config")
+    return config
+
+
+def find_run_dir(template: str, *, resume: bool) -> str:
+    """The run directory for ``train.out_dir``; raises if a fresh run would overwrite an earlier one.
+
+    With ``resume`` a ``{time}`` template selects the newest run it matches that has a checkpoint."""
+    if not resume:
+        run_dir = resolve_out_dir(template)
+        found = ckpt.list_checkpoints(run_dir)
+        if found:
+            raise ConfigError(
+                f"{run_dir} already holds a run (checkpoint of step {found[-1][0]}); add --resume to continue "
+                "it, or pick another directory with --set train.out_dir=PATH"
+            )
+        return run_dir
+    if "{time}" in template:
+        pattern = re.escape(template).replace(re.escape("{time}"), r"\d{8}-\d{6}")
+        runs = sorted(
+            d
+            for d in glob.glob(template.replace("{time}", "*"))
+            if re.fullmatch(pattern, d) and ckpt.list_checkpoints(d)
+        )
+        if not runs:
+            raise CheckpointError(f"--resume: no run matching {template} has a checkpoint")
+        return runs[-1]
+    if not ckpt.list_checkpoints(template):
+        raise CheckpointError(f"--resume: {template} holds no checkpoint to resume")
+    return template
+
+
+def _check_resumable(config: Config, saved: dict[str, Any], where: str) -> list[str]:
+    """Raise if settings that shape the weights or the data order differ; return notes on other changes."""
+    current = config.to_dict()
+    fixed = {"model": None, "data": None, "train": ("seed", "batch_size", "grad_accum")}
+    errors, notes = [], []
+    for section, values in current.items():
+        old_values = saved.get(section, {}) or {}
+        for key, value in values.items():
+            if key in ("out_dir", "cache_dir") or key not in old_values or old_values[key] == value:
+                continue
+            change = f"{section}.{key}: {old_values[key]!r} -> {value!r}"
+            keys = fixed.get(section, ())
+            (errors if section in fixed and (keys is None or key in keys) else notes).append(change)
+    if errors:
+        raise ConfigError(
+            f"cannot resume {where}: it was made with other settings ({'; '.join(errors)}); "
+            "model, data, seed, batch_size and grad_accum must stay the same"
+        )
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, none (fp32) on the CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def model_config(config: Config) -> Any:
+    """The Hugging Face config of the model to train; checks ``data.seq_len`` against its maximum."""
+    from transformers import AutoConfig
+
+    from centrifuge.models.presets import preset_config
+
+    m = config.model
+    if m.path is not None:
+        if not os.path.isdir(m.path):
+            raise ConfigError(f"model.path {m.path!r} is not a directory (hub downloads are not used)")
+        try:
+            hf = AutoConfig.from_pretrained(m.path, local_files_only=True, trust_remote_code=m.trust_remote_code)
+        except Exception as err:
+            raise ConfigError(f"model.path {m.path!r}: cannot read its config ({err})") from None
+        what = f"model.path={m.path}"
+    else:
+        try:
+            hf = preset_config(m.preset, **m.overrides)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.overrides: {err}") from None
+        what = f"model.preset={m.preset}"
+    max_pos = getattr(hf, "max_position_embeddings", None)
+    if max_pos is not None and config.data.seq_len > max_pos:
+        raise ConfigError(
+            f"data.seq_len={config.data.seq_len} is above the model's max_position_embeddings={max_pos} "
+            f"({what}); lower data.seq_len"
+        )
+    return hf
+
+
+def build_model(config: Config, hf_config: Any) -> nn.Module:
+    from centrifuge.models.presets import build_model as build_preset
+    from centrifuge.models.presets import load_model
+
+    m = config.model
+    if m.path is not None:
+        return load_model(m.path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    return build_preset(hf_config, attn_implementation=m.attn_implementation, seed=config.train.seed)
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm weights and biases are not decayed)."""
+    t = config.train
+    decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for the step after ``step`` completed ones: linear warm-up, then cosine
+    from 1 down to ``min_ratio``, reached exactly at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup  # the first step already learns (lr/warmup, not 0)
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    t = config.train
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def obtain_tokenizer(
+    config: Config, train_docs: Sequence[Document], vocab_size: int, *, run_dir: str, resume: bool
+) -> tuple[TextTokenizer, str]:
+    """The run's tokenizer and a line describing it. A resumed run reuses the one saved in its run dir."""
+    if resume:
+        path = os.path.join(run_dir, TOKENIZER_DIR)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"cannot resume {run_dir}: its {TOKENIZER_DIR}/ directory is missing")
+        tokenizer, how = load_tokenizer(path), f"from {path}"
+    else:
+        choice = config.data.tokenizer
+        if choice == "auto":
+            path = config.model.path
+            choice = path if path is not None and has_tokenizer(path) else "train"
+        if choice == "train":
+            texts = [text for doc in train_docs for text, _ in doc.segments]
+            start = time.perf_counter()
+            tokenizer, cache_file, hit = cached_bpe(texts, vocab_size, cache_dir=config.data.cache_dir)
+            how = (
+                f"byte-level BPE from cache {cache_file}"
+                if hit
+                else f"byte-level BPE trained in {time.perf_counter() - start:.1f} s (cached in {cache_file})"
+            )
+        else:
+            tokenizer, how = load_tokenizer(choice), f"from {choice}"
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}")
+    return tokenizer, f"{tokenizer.vocab_size} tokens, {how}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])  # a second signal acts at once
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plugin] | None = None) -> RunResult:
+    """Train as ``config`` says (see the module docstring). Raises ``TrainError`` subclasses on bad input."""
+    started = time.perf_counter()
+    config.validate()
+    run_dir = find_run_dir(config.train.out_dir, resume=resume)
+    device = resolve_device(config.train.device)
+    autocast_dtype = autocast_dtype_for(config.train.precision, device)
+
+    # ---- everything that can reject the input, before anything is written
+    state: dict[str, Any] | None = None
+    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    notes: list[str] = []
+    if resume_from is not None:
+        state = ckpt.read_state(resume_from)
+        notes = _check_resumable(config, state.get("config") or {}, resume_from)
+    hf_config = model_config(config)
+    docs, source = read_documents(config.data)
+    train_docs, eval_docs = split_documents(docs, config.data.eval_fraction, seed=config.train.seed)
+
+    seed_everything(config.train.seed)
+    model = build_model(config, hf_config).to(device)
+    model.train()
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+    vocab_size = int(model.get_input_embeddings().weight.shape[0])
+    tokenizer, tokenizer_note = obtain_tokenizer(config, train_docs, vocab_size, run_dir=run_dir, resume=resume)
+    data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source)
+    sampler = SequenceSampler(len(data.train), seed=config.train.seed)
+    start_step = 0
+    if state is not None:
+        sampler.load_state_dict(state["sampler"])
+        start_step = int(state["step"])
+
+    context = RunContext(config, model, optimizer, scheduler, device)
+    for plugin in default_plugins() if plugins is None else plugins:
+        plugin(context)
+
+    # ---- from here on the run directory is written
+    os.makedirs(run_dir, exist_ok=True)
+    tokenizer_dir = os.path.join(run_dir, TOKENIZER_DIR)
+    if not resume:
+        tokenizer.save(tokenizer_dir)
+    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(dump_yaml(_resolved(config, run_dir)))
+    metrics = MetricsLogger(run_dir, tensorboard=config.log.tensorboard, resume_step=start_step if resume else None)
+    progress = Progress(config.train.steps, start_step, enabled=config.log.progress)
+    say = progress.write
+    _print_header(say, config, run_dir, model, device, autocast_dtype, data, tokenizer_note, resume_from, notes)
+
+    evals = (
+        eval_batches(data.eval, config.eval.batch_size or config.train.batch_size, config.eval.max_batches)
+        if (data.eval is not None)
+        else []
+    )
+    first_eval = _eval_point(state.get("first_eval")) if state else None
+    last_eval = _eval_point(state.get("last_eval")) if state else None
+
+    def run_eval(step: int) -> EvalPoint | None:
+        if not evals:
+            return None
+        loss, tokens = evaluate(model, evals, autocast_dtype=autocast_dtype)
+        point = EvalPoint(step, loss, tokens)
+        metrics.log(step, "eval", {"loss": loss, "perplexity": point.perplexity})
+        say(point.describe())
+        return point
+
+    def save(step: int) -> str:
+        extra = {
+            "sampler": sampler.state_dict(),
+            "config": _resolved(config, run_dir).to_dict(),
+            "first_eval": _eval_dict(first_eval),
+            "last_eval": _eval_dict(last_eval),
+            "seconds": time.perf_counter() - started + (state or {}).get("seconds", 0.0),
+        }
+        return ckpt.save_checkpoint(
+            run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler, extra=extra,
+            tokenizer_dir=tokenizer_dir, keep=config.checkpoint.keep,
+        )  # fmt: skip
+
+    step = start_step
+    saved_path = resume_from
+    stop = StopRequest()
+    try:
+        if state is None:
+            first_eval = last_eval = run_eval(0)
+        else:
+            ckpt.restore_rng(state)  # last: after model init and everything else that draws random numbers
+        with stop:
+            t = config.train
+            window_tokens, window_time, step_time = 0, 0.0, None
+            while step < t.steps and stop.signum is None:
+                tic = time.perf_counter()
+                micro = [data.train.batch(sampler.take(t.batch_size)) for _ in range(t.grad_accum)]
+                try:
+                    stats = train_step(
+                        model, micro, optimizer, scheduler, step=step + 1, loss_fn=context.loss_fn,
+                        max_grad_norm=t.max_grad_norm, autocast_dtype=autocast_dtype, hooks=context.hooks,
+                    )  # fmt: skip
+                except NonFiniteLossError as err:
+                    where = f"the last good checkpoint is {saved_path}" if saved_path else "no checkpoint was saved"
+                    raise TrainingStoppedError(f"{err}. Training stopped; {where}") from None
+                step += 1
+                elapsed = time.perf_counter() - tic
+                step_time = elapsed if step_time is None else 0.8 * step_time + 0.2 * elapsed
+                window_tokens += stats.num_tokens
+                window_time += elapsed
+                progress.update(stats, stats.num_tokens / step_time)
+                if step % config.log.every == 0 or step == t.steps:
+                    metrics.log(step, "train", step_record(stats, window_tokens / window_time))
+                    window_tokens, window_time = 0, 0.0
+                if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
+                    last_eval = run_eval(step) or last_eval
+                if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == t.steps:
+                    saved_path = save(step)
+            if stop.signum is not None:
+                saved_path = save(step)
+                say(
+                    f"stopped by {signal.Signals(stop.signum).name} after step {step}: checkpoint saved to "
+                    f"{saved_path}; continue with --resume"
+                )
+    finally:
+        progress.close()
+        metrics.close()
+
+    result = RunResult(run_dir, step, first_eval, last_eval, saved_path, stop.signum, time.perf_counter() - started)
+    if stop.signum is None:
+        _print_summary(say, result, config)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _resolved(config: Config, run_dir: str) -> Config:
+    """The config as run: ``train.out_dir`` replaced by the actual directory."""
+    raw = config.to_dict()
+    raw["train"]["out_dir"] = run_dir
+    return config_from_dict(raw)
+
+
+def _eval_dict(point: EvalPoint | None) -> dict[str, Any] | None:
+    return None if point is None else {"step": point.step, "loss": point.loss, "tokens": point.tokens}
+
+
+def _eval_point(data: dict[str, Any] | None) -> EvalPoint | None:
+    return None if not data else EvalPoint(int(data["step"]), float(data["loss"]), int(data["tokens"]))
+
+
+def _print_header(
+    say: Callable[[str], None], config: Config, run_dir: str, model: nn.Module, device: torch.device,
+    autocast_dtype: torch.dtype | None, data: Datasets, tokenizer_note: str, resume_from: str | None,
+    notes: list[str],
+) -> None:  # fmt: skip
+    t = config.train
+    params = sum(p.numel() for p in model.parameters())
+    what = f"model.path={config.model.path}" if config.model.path else f"preset {config.model.preset}"
+    precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
+    say(f"run directory: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
+    for note in notes:
+        say(f"  changed since the checkpoint: {note}")
+    say(f"model: {what} ({model.config.model_type}, {params / 1e6:.2f}M parameters) on {device}, {precision}")
+    say(f"tokenizer: {tokenizer_note}")
+    say("data: " + data.describe().replace("\n", "\n      "))
+    say(
+        f"train: {t.steps} steps x {t.grad_accum} x {t.batch_size} sequences x {config.data.seq_len} tokens, "
+        f"AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine to {t.lr * t.min_lr_ratio:g})"
+    )
+
+
+def _print_summary(say: Callable[[str], None], result: RunResult, config: Config) -> None:
+    minutes, seconds = divmod(result.seconds, 60)
+    say(f"done: {result.step} steps in {int(minutes)}m{seconds:04.1f}s; last checkpoint {result.checkpoint}")
+    if result.first_eval is not None and result.last_eval is not None:
+        say(f"first {result.first_eval.describe()}")
+        say(f"last  {result.last_eval.describe()}")

@@ -1,0 +1,126 @@
+"""What a run reports: a tqdm progress bar, ``metrics.jsonl`` and (when installed) TensorBoard.
+
+``metrics.jsonl`` has one JSON object per line: ``{"step": 40, "kind": "train", "loss": ..., ...}`` for
+training and ``"kind": "eval"`` for held-out evaluations. A resumed run first drops the records written
+after its checkpoint (they belong to the lost part of the interrupted run), so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from centrifuge.train.step import StepStats
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Appends records to ``<run>/metrics.jsonl`` and mirrors numbers to TensorBoard (``<run>/tb``)."""
+
+    def __init__(self, run_dir: str, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        if resume_step is not None:
+            _truncate_after(self.path, resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close())
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                purge = resume_step + 1 if resume_step is not None else None
+                self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
+
+    def log(self, step: int, kind: str, values: dict[str, float]) -> None:
+        record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a killed run keeps every record written so far
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Rewrite ``path`` keeping only records up to ``step`` (atomically)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def step_record(stats: StepStats, tokens_per_s: float) -> dict[str, float]:
+    """The numbers of one step for metrics.jsonl / TensorBoard."""
+    record = {
+        "loss": stats.loss,
+        "lr": stats.lr,
+        "grad_norm": stats.grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "num_counted": stats.num_counted,
+        "num_valid": stats.num_valid,
+        "counted_fraction": stats.counted_fraction,
+    }
+    record.update(stats.stats)
+    return record
+
+
+class Progress:
+    """The progress bar. Postfix: loss, tokens/s, lr, kept-token % (when below 100) and loss-fn stats."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=not enabled,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.2 if interactive else 10.0,
+            file=sys.stderr,
+        )
+
+    def update(self, stats: StepStats, tokens_per_s: float) -> None:
+        fields: dict[str, Any] = {
+            "loss": f"{stats.loss:.3f}",
+            "tok/s": f"{tokens_per_s:,.0f}",
+            "lr": f"{stats.lr:.2e}",
+        }
+        if stats.num_counted < stats.num_valid:
+            fields["kept"] = f"{100 * stats.counted_fraction:.0f}%"
+        for key, value in stats.stats.items():
+            fields[key] = f"{value:.3g}"
+        self.bar.set_postfix(fields, refresh=False)
+        self.bar.update(1)
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar (plain print when the bar is off)."""
+        if self.bar.disable:
+            print(message, flush=True)
+        else:
+            tqdm.write(message, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,232 @@
+"""One optimizer step: the unit shared by the CLI loop, the benchmark and the Python API.
+
+A step takes a list of micro-batches (gradient accumulation). A *loss function* turns one micro-batch into
+a ``MicroLoss``: the **sum** of per-token cross-entropy over the tokens that count, plus the counts. The step
+backpropagates each sum, adds up the counts, and only then divides every gradient by the **global** number
+of counted tokens (all micro-batches, and all ranks when ``torch.distributed`` is initialized). So the
+gradient is that of the mean loss over every counted token of the step, whatever the split into
+micro-batches or ranks, and a loss function that drops tokens (token filtering) changes only which tokens
+count, not how the mean is formed.
+
+Plug-in points, so that token filtering and neuron omission attach in one place:
+
+- ``loss_fn``: any ``LossFn`` (``dense_loss`` is plain Hugging Face training);
+- ``StepHooks``: callables run at fixed points of the step (see its docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels
+from centrifuge.train.errors import NoCountedTokensError, NonFiniteLossError
+
+Batch = dict[str, Tensor]  # input_ids, labels, position_ids, attention_mask: int64 [B, T]
+
+
+@dataclass
+class MicroLoss:
+    """What a loss function returns for one micro-batch."""
+
+    loss_sum: Tensor  # scalar, differentiable: SUM of per-token CE over the tokens that count
+    num_counted: Tensor  # int64 scalar: tokens that count (the kept tokens; = valid label tokens when dense)
+    num_valid: Tensor  # int64 scalar: tokens that have a label
+    stats: dict[str, float] = field(default_factory=dict)  # extra numbers for the progress bar / metrics
+
+
+LossFn = Callable[[nn.Module, Batch], MicroLoss]
+
+
+def dense_loss(model: nn.Module, batch: Batch) -> MicroLoss:
+    """Plain Hugging Face forward + summed cross-entropy over every token that has a label.
+
+    ``batch`` fields are [B, T]; logits are [B, T, V]; position t is scored against ``labels[:, t + 1]``.
+
+    ``attention_mask`` is deliberately not passed to the model: padding only ever sits at the end of a row,
+    so under a causal mask no real token can see it, and with ``attention_mask=None`` transformers derives a
+    block-diagonal causal mask from the restarting ``position_ids``, which keeps packed documents apart
+    (given a 2-D mask it would let every token see the previous documents of its row)."""
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    targets = shift_labels(batch["labels"])  # [B, T]
+    loss_sum = F.cross_entropy(
+        out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    num_valid = (targets != IGNORE_INDEX).sum()
+    return MicroLoss(loss_sum=loss_sum, num_counted=num_valid, num_valid=num_valid)
+
+
+StepHook = Callable[[int], None]  # called with the step number
+
+
+@dataclass
+class StepHooks:
+    """Callables run at fixed points of ``train_step``, each with the step number.
+
+    - ``before_forward``: once per step, before the first micro-batch (e.g. choose this step's kept neurons);
+    - ``after_backward``: once per step, after every backward and the division by the global token count,
+      before clipping (gradients are final here: e.g. record importance, zero omitted rows);
+    - ``after_optimizer_step``: after ``optimizer.step()`` and the scheduler step, before grads are cleared
+      (e.g. restore weights the optimizer must not move this step)."""
+
+    before_forward: list[StepHook] = field(default_factory=list)
+    after_backward: list[StepHook] = field(default_factory=list)
+    after_optimizer_step: list[StepHook] = field(default_factory=list)
+
+
+@dataclass
+class StepStats:
+    """What one step did. ``loss`` is the mean CE over counted tokens (global, like the gradient)."""
+
+    step: int
+    loss: float
+    num_counted: int  # global (all micro-batches and ranks)
+    num_valid: int
+    num_tokens: int  # real input tokens (attention_mask == 1), global
+    grad_norm: float  # before clipping
+    lr: float  # learning rate used by this step (of the first param group)
+    stats: dict[str, float] = field(default_factory=dict)  # MicroLoss.stats averaged over micro-batches
+
+    @property
+    def counted_fraction(self) -> float:
+        """Share of labelled tokens that counted (the kept-token fraction under token filtering)."""
+        return self.num_counted / max(self.num_valid, 1)
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: Sequence[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    *,
+    step: int,
+    loss_fn: LossFn = dense_loss,
+    max_grad_norm: float | None = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    hooks: StepHooks | None = None,
+    grads_averaged_over_ranks: bool = True,
+) -> StepStats:
+    """One optimizer step over ``micro_batches`` (gradient accumulation), in place on ``model``.
+
+    For each micro-batch: forward under autocast (``autocast_dtype=None`` = no autocast) and
+    ``loss_sum.backward()``. Then every gradient is divided by the global counted-token count, clipped to
+    ``max_grad_norm`` (None or 0 = no clipping), and the optimizer and scheduler step; grads are cleared.
+
+    Distributed: the count is all-reduced (SUM). DDP and FSDP *average* gradients over ranks, so each rank
+    scales by ``world_size / global_count`` to leave the global-token mean; pass
+    ``grads_averaged_over_ranks=False`` for a wrapper that sums them. (Under DDP, wrap all but the last
+    micro-batch in ``no_sync()`` — the division happens after the last backward, so it commutes.)
+
+    Raises ``NoCountedTokensError`` if no token counts and ``NonFiniteLossError`` if the loss or the
+    gradient norm is NaN/inf; in both cases the optimizer has not stepped and grads are cleared."""
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    hooks = hooks or StepHooks()
+    device = next(model.parameters()).device
+    model.train()
+    for hook in hooks.before_forward:
+        hook(step)
+
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)  # detached, for reporting
+    counted = torch.zeros((), dtype=torch.int64, device=device)
+    valid = torch.zeros((), dtype=torch.int64, device=device)
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
+    stats_sum: dict[str, float] = {}
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with _autocast(device, autocast_dtype):
+            micro = loss_fn(model, batch)
+        micro.loss_sum.backward()
+        loss_total += micro.loss_sum.detach().double()
+        counted += micro.num_counted.detach().to(device)
+        valid += micro.num_valid.detach().to(device)
+        tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        for key, value in micro.stats.items():
+            stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
+
+    totals = torch.stack([counted.double(), valid.double(), tokens.double(), loss_total])
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+        world_size = dist.get_world_size()
+    global_counted, global_valid, global_tokens, global_loss = totals.tolist()  # the step's one host sync
+
+    if global_counted == 0:
+        optimizer.zero_grad(set_to_none=True)
+        raise NoCountedTokensError(step)
+    loss = global_loss / global_counted
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(step, "loss", loss)
+
+    scale = (world_size if grads_averaged_over_ranks else 1) / global_counted
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if params:
+        torch._foreach_mul_([p.grad for p in params], scale)
+    for hook in hooks.after_backward:
+        hook(step)
+
+    # With max_norm=inf the clip coefficient is exactly 1: the call only measures the norm.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) if params else 0.0
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(step, "gradient norm", grad_norm)
+
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    for hook in hooks.after_optimizer_step:
+        hook(step)
+    optimizer.zero_grad(set_to_none=True)
+
+    n = len(micro_batches)
+    return StepStats(
+        step=step,
+        loss=loss,
+        num_counted=int(global_counted),
+        num_valid=int(global_valid),
+        num_tokens=int(global_tokens),
+        grad_norm=grad_norm,
+        lr=lr,
+        stats={k: v / n for k, v in stats_sum.items()},
+    )
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    *,
+    loss_fn: LossFn = dense_loss,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Mean CE over the counted tokens of ``batches``, and their count. Leaves the model in train mode."""
+    device = next(model.parameters()).device
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    try:
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with _autocast(device, autocast_dtype):
+                micro = loss_fn(model, batch)
+            total += micro.loss_sum.double()
+            count += micro.num_counted.to(device)
+    finally:
+        model.train()
+    n = int(count)
+    return (float(total) / n if n else float("nan")), n

@@ -1,0 +1,130 @@
+"""Importance of MLP channels and KV groups, and the selection of the kept set from it.
+
+Metrics (higher = more important; d hidden, m intermediate, H / Hkv heads, G = H / Hkv, D head dim):
+
+* ``uniform``: no score; a uniformly random subset.
+* ``magnitude``: L2 norm of all the unit's weights (channel i: row i of gate and up, column i of down;
+  group j: its q / k / v rows and o columns).
+* ``wanda``: Σ_j |W_ij| · ‖x_j‖ over the rows of the matrices that read the layer input (gate and up for a
+  channel; q, k and v for a group), with ‖x_j‖ the root-mean-square of input feature j over tokens
+  (Wanda's |W|·‖X‖ summed over a unit's rows).
+* ``activation``: root-mean-square over tokens of the unit's output — the gated activation a_i =
+  act(g_i)·u_i of a channel, the attention output of a group's heads — gathered during earlier training
+  forwards (EMA; a unit's score only changes on steps where it was kept), so no dense pre-pass is needed.
+
+The weight- and input-based scores are also computed inside the training forward, where the weights are
+gathered (FSDP), and used by the next step's plan.
+
+Selection (``select``): ``topk`` keeps the k highest scores; ``sample`` draws k units without replacement
+with probability ∝ softmax(z / temperature), z = the scores standardised per layer (so one temperature fits
+every metric), via the Gumbel-top-k trick; seeded by the caller's generator, so deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("uniform", "magnitude", "wanda", "activation")
+SELECTIONS = ("topk", "sample")
+
+
+def _sq_norm(w: torch.Tensor, dim) -> torch.Tensor:
+    return torch.linalg.vector_norm(w, dim=dim, dtype=torch.float32).square()
+
+
+def _abs_mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """|w| [r, n] @ x [n] → [r] float32 (in w's dtype: no float32 copy of the weight)."""
+    return torch.mv(w.abs(), x.to(w.dtype)).float()
+
+
+# ------------------------------------------------------------------------------------------- MLP channels
+
+
+def mlp_magnitude(gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """gate_w, up_w [m, d], down_w [d, m] → [m] float32: sqrt(‖gate_i‖² + ‖up_i‖² + ‖down_:,i‖²)."""
+    return (_sq_norm(gate_w, 1) + _sq_norm(up_w, 1) + _sq_norm(down_w, 0)).sqrt()
+
+
+def mlp_wanda(gate_w: torch.Tensor, up_w: torch.Tensor, x_rms: torch.Tensor) -> torch.Tensor:
+    """gate_w, up_w [m, d], x_rms [d] → [m] float32: Σ_j (|gate_ij| + |up_ij|)·x_rms_j."""
+    return _abs_mv(gate_w, x_rms) + _abs_mv(up_w, x_rms)
+
+
+# ------------------------------------------------------------------------------------------- KV groups
+
+
+def group_magnitude(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, o_w: torch.Tensor, *,
+                    heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """q_w [H·D, d], k_w / v_w [Hkv·D, d], o_w [d, H·D] → [Hkv] float32: L2 norm of each group's weights."""
+    hkv = k_w.shape[0] // head_dim
+    q = _sq_norm(q_w, 1).view(hkv, heads_per_group * head_dim).sum(1)
+    kv = (_sq_norm(k_w, 1) + _sq_norm(v_w, 1)).view(hkv, head_dim).sum(1)
+    o = _sq_norm(o_w, 0).view(hkv, heads_per_group * head_dim).sum(1)
+    return (q + kv + o).sqrt()
+
+
+def group_wanda(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, x_rms: torch.Tensor, *,
+                heads_per_group: int, head_dim: int) -> torch.Tensor:
+    """q_w [H·D, d], k_w / v_w [Hkv·D, d], x_rms [d] → [Hkv] float32: Σ over the group's rows of |W|·x_rms."""
+    hkv = k_w.shape[0] // head_dim
+    q = _abs_mv(q_w, x_rms).view(hkv, heads_per_group * head_dim).sum(1)
+    kv = (_abs_mv(k_w, x_rms) + _abs_mv(v_w, x_rms)).view(hkv, head_dim).sum(1)
+    return q + kv
+
+
+# ------------------------------------------------------------------------------------------- activations
+
+
+def feature_rms(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] → [n] float32: root-mean-square of each feature over all leading (token) dimensions."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.linalg.vector_norm(rows, dim=0, dtype=torch.float32) / max(rows.shape[0], 1) ** 0.5
+
+
+def group_activation(o: torch.Tensor, heads_per_group: int) -> torch.Tensor:
+    """Attention output o [B, S, h, D] (h = g·G kept query heads) → [g] float32: per group, the sum over its
+    heads of the head output's root-mean-square over tokens and D."""
+    heads = torch.linalg.vector_norm(o, dim=(0, 1, 3), dtype=torch.float32) / max(o.numel() // o.shape[2], 1) ** 0.5
+    return heads.view(-1, heads_per_group).sum(1)
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+def select(scores: torch.Tensor | None, k: int, *, method: str = "topk", temperature: float = 1.0,
+           generator: torch.Generator | None = None, shape: tuple[int, int] | None = None,
+           device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose k of n units in each of L rows.
+
+    Args:
+        scores: [L, n] importance (higher = keep), or None for a uniformly random choice (then ``shape``
+            and ``device`` give [L, n]).
+        k: units to keep per row, 1 ≤ k ≤ n.
+        method: "topk" or "sample" (without replacement, p ∝ softmax(standardised score / temperature)).
+        generator: the source of randomness for "sample" and for ``scores=None``; on the scores' device.
+
+    Returns:
+        kept [L, k] and dropped [L, n − k], int64, each row sorted. No host synchronisation.
+    """
+    if method not in SELECTIONS:
+        raise ValueError(f"unknown selection {method!r}; choose one of {', '.join(SELECTIONS)}")
+    if scores is None:
+        if shape is None:
+            raise ValueError("select(scores=None) needs shape=(L, n)")
+        keys = torch.rand(shape, generator=generator, device=device)
+    else:
+        keys = scores.float()
+        if method == "sample":
+            if temperature <= 0:
+                raise ValueError(f"temperature must be > 0, got {temperature}")
+            mean = keys.mean(1, keepdim=True)
+            std = keys.std(1, keepdim=True, correction=0)
+            z = (keys - mean) / std.clamp_min(1e-12)
+            u = torch.rand(keys.shape, generator=generator, device=keys.device)
+            gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+            keys = z / temperature + gumbel
+    n = keys.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} units")
+    order = keys.argsort(dim=1, descending=True, stable=True)
+    return order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values

@@ -1,0 +1,290 @@
+"""Omission inside one decoder layer: sliced projections and the patched ``mlp`` / ``self_attn`` forwards.
+
+The kept weights are sliced (``index_select``) *inside* the forward of the layer's ``mlp`` / ``self_attn``,
+so autograd's backward is the same small GEMM (dX = dY·W_kept, dW_kept = dYᵀ·X) and the full-size weight
+gradient is zero outside the kept rows / columns. Weights are never read outside these forwards, which run
+inside the decoder layer's forward, where FSDP (wrapping per decoder layer) has them gathered.
+
+``sliced_linear`` and ``omission_linear`` are the function-level pieces: the latter is a ``linear(module, x,
+name)`` callback for the shared layer recipe (``centrifuge.tokens.layer``), so the token-sparse path can run
+the same omission.
+
+The patches are instance-level (``module.forward`` rebound on the one module; the class and every other
+instance are untouched) and read the per-step ``LayerPlan`` that the ``Omitter`` sets on the layer's
+``LayerOmission`` before each step. In eval mode the plan is ignored and the original forward runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from centrifuge.models.registry import ArchSpec, UnsupportedModelError
+from centrifuge.neurons import importance
+from centrifuge.neurons.plan import LayerPlan
+
+Linear = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
+STATE_ATTR = "_centrifuge_omission"
+
+
+def sliced_linear(module: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None,
+                  cols: torch.Tensor | None = None) -> torch.Tensor:
+    """``module``'s linear map restricted to output ``rows`` and input ``cols``.
+
+    Args:
+        module: an ``nn.Linear`` with weight [out, in] (and bias [out]).
+        x: [..., in] when ``cols`` is None, else [..., len(cols)].
+        rows: [r] int64 kept output features, or None for all.
+        cols: [c] int64 kept input features, or None for all.
+
+    Returns:
+        [..., r] (or [..., out]). With neither, exactly ``module(x)``.
+    """
+    if rows is None and cols is None:
+        return module(x)
+    weight, bias = module.weight, module.bias
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    return F.linear(x, weight, bias)
+
+
+def omission_linear(plan: LayerPlan | None) -> Linear:
+    """A ``linear(module, x, name)`` callback for ``centrifuge.tokens.layer`` that applies ``plan``.
+
+    q / k / v then return only the kept groups' heads ([R, g·G·D] / [R, g·D]), ``o_proj`` expects them, the
+    MLP runs on the kept channels.
+    """
+    def linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+        if plan is None:
+            return module(x)
+        rows, cols = plan.slices(name)
+        return sliced_linear(module, x, rows=rows, cols=cols)
+    return linear
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-layer state: plan, originals, importance statistics
+# --------------------------------------------------------------------------------------------------------
+
+
+def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
+    """EMA of ``old`` [n] with ``new`` [n]; the first value is taken as is."""
+    return new if old is None else old.mul(decay).add_(new, alpha=1.0 - decay)
+
+
+def _ema_at(old: torch.Tensor, new: torch.Tensor, decay: float, at: torch.Tensor) -> torch.Tensor:
+    """EMA of ``old`` [n] with ``new`` [k] at indices ``at`` [k]; the other entries stay."""
+    return old.index_copy(0, at, old.index_select(0, at).mul_(decay).add_(new, alpha=1.0 - decay))
+
+
+class LayerOmission:
+    """Omission state of one decoder layer, stored on its ``mlp`` and ``self_attn`` as ``_centrifuge_omission``.
+
+    Attributes:
+        plan: the current ``LayerPlan`` (set by the ``Omitter`` before each step) or None = dense.
+        mlp_score: [m] float32 channel importance from earlier training forwards, or None.
+        group_score: [Hkv] float32 KV-group importance, or None.
+        mlp_x_ms, attn_x_ms: [d] float32 EMA of the squared input features (``wanda``), or None.
+    """
+
+    def __init__(self, layer: nn.Module, spec: ArchSpec, layer_idx: int, *, metric: str, ema: float):
+        attn = layer.self_attn
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.metric = metric
+        self.ema = ema
+        self.num_channels = layer.mlp.gate_proj.out_features
+        self.head_dim = attn.head_dim
+        self.heads_per_group = attn.num_key_value_groups
+        self.num_groups = attn.k_proj.out_features // attn.head_dim
+        self.plan: LayerPlan | None = None
+        self.mlp_score: torch.Tensor | None = None
+        self.group_score: torch.Tensor | None = None
+        self.mlp_x_ms: torch.Tensor | None = None
+        self.attn_x_ms: torch.Tensor | None = None
+        self.original_mlp: Callable | None = None
+        self.original_attn: Callable | None = None
+        self.had_mlp_forward = self.had_attn_forward = False
+
+    @property
+    def gathers(self) -> bool:
+        """Whether training forwards gather statistics (every metric but ``uniform``)."""
+        return self.metric != "uniform"
+
+    # ---- statistics, gathered in training forwards (no autograd)
+
+    @torch.no_grad()
+    def observe_mlp(self, mlp: nn.Module, x: torch.Tensor, a: torch.Tensor | None, kept: torch.Tensor | None):
+        """x [..., d] MLP input; a [..., k] gated activation of the ``kept`` channels (all when None)."""
+        if self.metric == "magnitude":
+            self.mlp_score = importance.mlp_magnitude(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        elif self.metric == "wanda":
+            self.mlp_x_ms = _ema(self.mlp_x_ms, importance.feature_rms(x).square(), self.ema)
+            self.mlp_score = importance.mlp_wanda(mlp.gate_proj.weight, mlp.up_proj.weight, self.mlp_x_ms.sqrt())
+        elif self.metric == "activation":
+            rms = importance.feature_rms(a)
+            if kept is None:
+                self.mlp_score = _ema(self.mlp_score, rms, self.ema)
+            else:
+                if self.mlp_score is None:
+                    self.mlp_score = torch.zeros(self.num_channels, device=rms.device)
+                self.mlp_score = _ema_at(self.mlp_score, rms, self.ema, kept)
+
+    @torch.no_grad()
+    def observe_attn(self, attn: nn.Module, x: torch.Tensor, o: torch.Tensor | None, groups: torch.Tensor | None):
+        """x [B, S, d] attention input; o [B, S, h, D] attention output of the kept ``groups`` (all when None)."""
+        kw = dict(heads_per_group=self.heads_per_group, head_dim=self.head_dim)
+        if self.metric == "magnitude":
+            self.group_score = importance.group_magnitude(
+                attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, **kw)
+        elif self.metric == "wanda":
+            self.attn_x_ms = _ema(self.attn_x_ms, importance.feature_rms(x).square(), self.ema)
+            self.group_score = importance.group_wanda(
+                attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, self.attn_x_ms.sqrt(), **kw)
+        elif self.metric == "activation":
+            act = importance.group_activation(o, self.heads_per_group)
+            if groups is None:
+                self.group_score = _ema(self.group_score, act, self.ema)
+            else:
+                if self.group_score is None:
+                    self.group_score = torch.zeros(self.num_groups, device=act.device)
+                self.group_score = _ema_at(self.group_score, act, self.ema, groups)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Patched forwards
+# --------------------------------------------------------------------------------------------------------
+
+
+def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gated MLP on the plan's kept channels: x [..., d] → [..., d]."""
+    om: LayerOmission = getattr(self, STATE_ATTR)
+    training = self.training
+    kept = om.plan.channels if training and om.plan is not None else None
+    if kept is None and not (training and om.metric == "activation"):
+        y = om.original_mlp(x)
+        if training and om.gathers:
+            om.observe_mlp(self, x, None, None)
+        return y
+    a = self.act_fn(sliced_linear(self.gate_proj, x, rows=kept)) * sliced_linear(self.up_proj, x, rows=kept)
+    y = sliced_linear(self.down_proj, a, cols=kept)
+    if training and om.gathers:
+        om.observe_mlp(self, x, a, kept)
+    return y
+
+
+def _attention_interface(attn: nn.Module, spec: ArchSpec) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = importlib.import_module(spec.modeling_module).eager_attention_forward
+    impl = attn.config._attn_implementation
+    get = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if get is not None:
+        return get(impl, eager)
+    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                  past_key_values=None, **kwargs):
+    """Attention on the plan's kept KV groups: hidden_states [B, S, d] → ([B, S, d], attention weights or None).
+
+    Mirrors the HF Llama / Mistral / Qwen2 / Qwen3 attention forward with sliced q / k / v / o projections;
+    keeping whole KV groups leaves ``num_key_value_groups`` valid for every attention backend."""
+    om: LayerOmission = getattr(self, STATE_ATTR)
+    training = self.training
+    groups = om.plan.groups if training and om.plan is not None else None
+    if groups is None and not (training and om.metric == "activation"):
+        out = om.original_attn(hidden_states, position_embeddings=position_embeddings,
+                               attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        if training and om.gathers:
+            om.observe_attn(self, hidden_states, None, None)
+        return out
+    plan, spec = om.plan, om.spec
+    q_rows = plan.q_rows if groups is not None else None
+    kv_rows = plan.kv_rows if groups is not None else None
+    if past_key_values is None:
+        past_key_values = kwargs.pop("past_key_value", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    q = sliced_linear(self.q_proj, hidden_states, rows=q_rows).view(hidden_shape)
+    k = sliced_linear(self.k_proj, hidden_states, rows=kv_rows).view(hidden_shape)
+    v = sliced_linear(self.v_proj, hidden_states, rows=kv_rows).view(hidden_shape).transpose(1, 2)
+    if spec.qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = spec.apply_rotary_pos_emb(q, k, cos, sin)
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, self.layer_idx)
+    if hasattr(self, "sliding_window"):
+        kwargs.setdefault("sliding_window", self.sliding_window)
+    elif spec.model_type == "mistral":
+        kwargs.setdefault("sliding_window", getattr(self.config, "sliding_window", None))
+    o, weights = _attention_interface(self, spec)(
+        self, q, k, v, attention_mask, dropout=0.0 if not training else self.attention_dropout,
+        scaling=self.scaling, **kwargs)
+    if training and om.gathers:
+        om.observe_attn(self, hidden_states, o, groups)
+    o = o.reshape(*input_shape, -1).contiguous()
+    return sliced_linear(self.o_proj, o, cols=q_rows), weights
+
+
+# --------------------------------------------------------------------------------------------------------
+# Install / remove
+# --------------------------------------------------------------------------------------------------------
+
+_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+_ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _check_linears(module: nn.Module, names: tuple[str, ...], where: str) -> None:
+    for name in names:
+        sub = getattr(module, name)
+        if type(sub) is not nn.Linear:
+            raise UnsupportedModelError(
+                f"neuron omission slices plain nn.Linear weights; {where}.{name} is {type(sub).__name__} "
+                "(PEFT / quantised layers are not supported)"
+            )
+
+
+def install(layer: nn.Module, om: LayerOmission, *, mlp: bool, heads: bool) -> None:
+    """Patch ``layer.mlp`` (when ``mlp``) and ``layer.self_attn`` (when ``heads``) to run ``om.plan``."""
+    where = f"layers[{om.layer_idx}]"
+    if mlp:
+        _check_linears(layer.mlp, _MLP_LINEARS, f"{where}.mlp")
+    if heads:
+        _check_linears(layer.self_attn, _ATTN_LINEARS, f"{where}.self_attn")
+    for on, module, fn in ((mlp, layer.mlp, _mlp_forward), (heads, layer.self_attn, _attn_forward)):
+        if not on:
+            continue
+        had = "forward" in vars(module)
+        original = module.forward
+        if module is layer.mlp:
+            om.original_mlp, om.had_mlp_forward = original, had
+        else:
+            om.original_attn, om.had_attn_forward = original, had
+        setattr(module, STATE_ATTR, om)
+        module.forward = types.MethodType(fn, module)
+
+
+def uninstall(layer: nn.Module, om: LayerOmission) -> None:
+    """Give ``layer.mlp`` / ``layer.self_attn`` their original forwards back."""
+    for module, original, had in ((layer.mlp, om.original_mlp, om.had_mlp_forward),
+                                  (layer.self_attn, om.original_attn, om.had_attn_forward)):
+        if original is None:
+            continue
+        if had:
+            module.forward = original
+        else:
+            del module.forward
+        if hasattr(module, STATE_ATTR):
+            delattr(module, STATE_ATTR)
+    om.original_mlp = om.original_attn = None

@@ -1,0 +1,347 @@
+"""The ``Omitter``: patches a model for neuron omission and makes one ``OmissionPlan`` per training step.
+
+    from centrifuge import neurons
+    omitter = neurons.attach(model, rate=0.5, schedule="ladder", total_steps=1000)   # or OmissionConfig
+    omitter.protect(optimizer)              # omitted rows (and their AdamW state) do not move in a step
+    for step in range(1000):
+        omitter.plan(step)                  # choose and set this step's kept channels / KV groups
+        model(**batch).loss.backward()      # forward and backward on the kept units only
+        optimizer.step(); optimizer.zero_grad()
+    omitter.revert()
+
+Selection happens in ``plan`` from statistics the training forwards gathered (see ``importance``); a layer
+whose metric has no statistics yet runs dense for that step (with the ``uniform`` metric, never).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from centrifuge import schedules
+from centrifuge.models.registry import spec_for
+from centrifuge.neurons import importance
+from centrifuge.neurons.layers import STATE_ATTR, LayerOmission, install, uninstall
+from centrifuge.neurons.plan import LayerPlan, OmissionPlan, OmissionRateError, check_rate, kept_count
+
+log = logging.getLogger("centrifuge")
+_OMITTER_ATTR = "_centrifuge_omitter"
+
+
+@dataclasses.dataclass(frozen=True)
+class OmissionConfig:
+    """How to omit neurons. Mirrors the proposed ``neurons:`` section of the ``centrifuge train`` config.
+
+    Attributes:
+        rate: omission rate (fraction of MLP channels / KV groups left out) — the constant value, or the
+            starting value of the schedule. In [0, 1).
+        schedule: "constant", "linear" / "cosine" (``rate`` → ``end``), or "ladder" (LORS: ``rate`` for
+            ``hold_fraction`` of the steps, then ``rungs`` equal steps down to ``end``).
+        end, hold_fraction, rungs: schedule parameters (unused by "constant").
+        metric: "uniform", "magnitude", "wanda" or "activation" (see ``centrifuge.neurons.importance``).
+        select: "topk" or "sample" (without replacement, p ∝ softmax(standardised score / temperature)).
+        temperature: of "sample".
+        mlp: omit MLP channels.
+        heads: omit attention heads (whole KV groups).
+        multiple: kept MLP channels are rounded up to a multiple of this (tensor cores); KV groups are whole.
+        layers: decoder layer indices that omit; None = all.
+        ema: decay of the EMA statistics (activation RMS, input-feature RMS); 0 = last forward only.
+        seed: of the random choices; a plan depends only on (seed, step, statistics).
+    """
+
+    rate: float = 0.5
+    schedule: str = "constant"
+    end: float = 0.0
+    hold_fraction: float = 0.5
+    rungs: int = 4
+    metric: str = "activation"
+    select: str = "sample"
+    temperature: float = 1.0
+    mlp: bool = True
+    heads: bool = True
+    multiple: int = 64
+    layers: tuple[int, ...] | None = None
+    ema: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``OmissionRateError`` for a bad rate, ``ValueError`` for any other bad field."""
+        check_rate(self.rate, "(neurons.rate)")
+        if self.schedule != "constant":
+            check_rate(self.end, "(neurons.end)")
+        if self.schedule not in schedules.KINDS:
+            raise ValueError(f"neurons.schedule: unknown {self.schedule!r}; choose one of {', '.join(schedules.KINDS)}")
+        if self.metric not in importance.METRICS:
+            raise ValueError(f"neurons.metric: unknown {self.metric!r}; choose one of {', '.join(importance.METRICS)}")
+        if self.select not in importance.SELECTIONS:
+            raise ValueError(
+                f"neurons.select: unknown {self.select!r}; choose one of {', '.join(importance.SELECTIONS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"neurons.temperature must be > 0, got {self.temperature}")
+        if self.multiple < 1:
+            raise ValueError(f"neurons.multiple must be ≥ 1, got {self.multiple}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"neurons.ema must be in [0, 1), got {self.ema}")
+        if not (self.mlp or self.heads):
+            raise ValueError("neurons: set mlp or heads (or both) to true")
+        self.make_schedule()  # checks hold_fraction / rungs
+
+    def make_schedule(self) -> Callable[[int, int], float]:
+        """The rate schedule ``f(step, total_steps) -> rate``."""
+        if self.schedule == "constant":
+            return schedules.Constant(self.rate)
+        if self.schedule == "ladder":
+            return schedules.Ladder(self.rate, self.hold_fraction, self.rungs, self.end)
+        return schedules.make_schedule(self.schedule, start=self.rate, end=self.end)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> OmissionConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"neurons: unknown keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+        return cls(**values)
+
+
+class Omitter:
+    """Neuron omission on one HF causal LM (Llama, Mistral, Qwen2, Qwen3): patches, plans, statistics."""
+
+    def __init__(self, model: nn.Module, config: OmissionConfig | None = None, *, total_steps: int | None = None):
+        self.model = model
+        self.config = config or OmissionConfig()
+        self.total_steps = total_steps
+        self.schedule = self.config.make_schedule()
+        self.spec = spec_for(model)
+        if hasattr(model, _OMITTER_ATTR):
+            raise RuntimeError("model already has an Omitter attached; call its revert() first")
+        layers = model.model.layers
+        chosen = range(len(layers)) if self.config.layers is None else self.config.layers
+        for i in chosen:
+            if not 0 <= i < len(layers):
+                raise ValueError(f"neurons.layers: no decoder layer {i} (the model has {len(layers)})")
+        self._layers: dict[int, LayerOmission] = {}
+        try:
+            for i in sorted(set(chosen)):
+                om = LayerOmission(layers[i], self.spec, i, metric=self.config.metric, ema=self.config.ema)
+                install(layers[i], om, mlp=self.config.mlp, heads=self.config.heads)
+                self._layers[i] = om
+        except Exception:
+            self.revert()
+            raise
+        setattr(model, _OMITTER_ATTR, self)
+        self.current: OmissionPlan | None = None
+        self._since_step: list[OmissionPlan] = []
+        self._masks: list = []  # OptimizerMask objects registered by protect()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        log.info("centrifuge: neuron omission on %d of %d layers (%s%s, metric=%s, select=%s)", len(self._layers),
+                 len(layers), "mlp" if self.config.mlp else "", "+heads" if self.config.heads else "",
+                 self.config.metric, self.config.select)
+
+    # ------------------------------------------------------------------------------------------ rates
+
+    def rate_at(self, step: int, total_steps: int | None = None) -> float:
+        """The scheduled omission rate at ``step`` (checked to lie in [0, 1))."""
+        total = total_steps if total_steps is not None else self.total_steps
+        if total is None:
+            if self.config.schedule != "constant":
+                raise ValueError(f"a {self.config.schedule!r} schedule needs total_steps (Omitter or plan())")
+            total = step + 1
+        return check_rate(self.schedule(step, total), f"(schedule value at step {step})")
+
+    def average_rate(self, total_steps: int | None = None) -> float:
+        """The run-average omission rate over ``total_steps`` steps (before rounding kept sizes up)."""
+        total = total_steps if total_steps is not None else self.total_steps
+        if total is None:
+            raise ValueError("average_rate needs total_steps")
+        return schedules.average(self.schedule, total)
+
+    # ------------------------------------------------------------------------------------------ plans
+
+    def plan(self, step: int, total_steps: int | None = None) -> OmissionPlan:
+        """Choose the kept units of every omitting layer for ``step``, set them on the layers, return them."""
+        rate = self.rate_at(step, total_steps)
+        cfg = self.config
+        kept_channels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kept_groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        waiting: set[int] = set()
+        if rate > 0.0 and self._layers:
+            first = next(iter(self._layers.values()))
+            if cfg.mlp:
+                k = kept_count(first.num_channels, rate, cfg.multiple)
+                if k < first.num_channels:
+                    kept_channels, w = self._choose(step, 0, k, first.num_channels, "mlp_score")
+                    waiting |= w
+            if cfg.heads:
+                k = kept_count(first.num_groups, rate, 1)
+                if k < first.num_groups:
+                    kept_groups, w = self._choose(step, 1, k, first.num_groups, "group_score")
+                    waiting |= w
+        layers = {}
+        for i, om in self._layers.items():
+            c, g = kept_channels.get(i), kept_groups.get(i)
+            if c is None and g is None:
+                continue
+            layers[i] = LayerPlan(
+                channels=None if c is None else c[0], dropped_channels=None if c is None else c[1],
+                groups=None if g is None else g[0], dropped_groups=None if g is None else g[1],
+                heads_per_group=om.heads_per_group, head_dim=om.head_dim,
+            )
+        plan = OmissionPlan(rate=rate, layers=layers, step=step, dense_layers=tuple(sorted(waiting)))
+        self.set_plan(plan)
+        return plan
+
+    def _generator(self, device: torch.device, step: int, unit: int) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        gen.manual_seed((self.config.seed * 1_000_003 + step) * 4 + unit)
+        return gen
+
+    def _choose(self, step: int, unit: int, k: int, n: int, score_attr: str):
+        """Kept / dropped ids [k] / [n − k] per layer, batched over the layers of each device."""
+        cfg = self.config
+        uniform = cfg.metric == "uniform"
+        ready = [(i, om) for i, om in self._layers.items() if uniform or getattr(om, score_attr) is not None]
+        waiting = {i for i in self._layers if i not in dict(ready)}
+        by_device: dict[torch.device, list[tuple[int, LayerOmission]]] = {}
+        for i, om in ready:
+            by_device.setdefault(self._device(i), []).append((i, om))
+        chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for device, members in by_device.items():
+            scores = None if uniform else torch.stack([getattr(om, score_attr) for _, om in members])
+            kept, dropped = importance.select(
+                scores, k, method=cfg.select, temperature=cfg.temperature,
+                generator=self._generator(device, step, unit), shape=(len(members), n), device=device)
+            for row, (i, _) in enumerate(members):
+                chosen[i] = (kept[row], dropped[row])
+        return chosen, waiting
+
+    def _device(self, layer_idx: int) -> torch.device:
+        return self.model.model.layers[layer_idx].mlp.gate_proj.weight.device
+
+    def set_plan(self, plan: OmissionPlan | None) -> None:
+        """Run the next training forwards with ``plan`` (None = dense)."""
+        for i, om in self._layers.items():
+            om.plan = None if plan is None else plan.get(i)
+        self.current = plan
+        if plan is None:
+            return
+        if self._masks:
+            self._since_step.append(plan)  # the optimizer mask intersects the plans of one step
+        else:
+            self._since_step = [plan]
+
+    def clear(self) -> None:
+        """Dense from now on (until the next ``plan`` / ``set_plan``)."""
+        self.set_plan(None)
+
+    # ------------------------------------------------------------------------------------------ optimizer
+
+    def protect(self, optimizer: torch.optim.Optimizer):
+        """Keep omitted rows of parameters and of their optimizer state unchanged by ``optimizer.step()``.
+
+        Returns the ``OptimizerMask`` (its ``remove()`` takes the hooks off)."""
+        from centrifuge.neurons.optim import OptimizerMask
+
+        return OptimizerMask(self, optimizer)
+
+    def omitted_slices(self) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(parameter, dim, ids) of the weights omitted by every plan set since the last optimizer step.
+
+        When one plan was used (the usual case), no host synchronisation happens; with several plans per
+        step (e.g. one per micro-batch) the omitted set is their intersection."""
+        plans = self._since_step or ([self.current] if self.current is not None else [])
+        layers = self.model.model.layers
+        out = []
+        for i, om in self._layers.items():
+            per_layer = [p.get(i) for p in plans]
+            if not per_layer or any(lp is None for lp in per_layer):
+                continue
+            channels = _intersect([lp.dropped_channels for lp in per_layer], om.num_channels)
+            groups = _intersect([lp.dropped_groups for lp in per_layer], om.num_groups)
+            mlp, attn = layers[i].mlp, layers[i].self_attn
+            if channels is not None and channels.numel():
+                for lin in (mlp.gate_proj, mlp.up_proj):
+                    out.append((lin.weight, 0, channels))
+                    if lin.bias is not None:
+                        out.append((lin.bias, 0, channels))
+                out.append((mlp.down_proj.weight, 1, channels))
+            if groups is not None and groups.numel():
+                probe = LayerPlan(groups=groups, heads_per_group=om.heads_per_group, head_dim=om.head_dim)
+                q_rows, kv_rows = probe.q_rows, probe.kv_rows
+                for lin, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)):
+                    out.append((lin.weight, 0, rows))
+                    if lin.bias is not None:
+                        out.append((lin.bias, 0, rows))
+                out.append((attn.o_proj.weight, 1, q_rows))
+        return out
+
+    def _optimizer_stepped(self) -> None:
+        self._since_step = []
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def layer_state(self, layer_idx: int) -> LayerOmission:
+        """The ``LayerOmission`` (plan and statistics) of one omitting layer."""
+        return self._layers[layer_idx]
+
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        return tuple(self._layers)
+
+    def revert(self) -> nn.Module:
+        """Remove every patch: the layers' original forwards come back. Returns the model."""
+        layers = self.model.model.layers
+        for i, om in self._layers.items():
+            uninstall(layers[i], om)
+        self._layers = {}
+        if getattr(self.model, _OMITTER_ATTR, None) is self:
+            delattr(self.model, _OMITTER_ATTR)
+        return self.model
+
+
+def _intersect(dropped: list[torch.Tensor | None], total: int) -> torch.Tensor | None:
+    """Ids present in every tensor of ``dropped`` (None = nothing dropped)."""
+    if any(d is None for d in dropped):
+        return None
+    if len(dropped) == 1 or all(d is dropped[0] for d in dropped):
+        return dropped[0]
+    mask = torch.ones(total, dtype=torch.bool, device=dropped[0].device)
+    for d in dropped:
+        m = torch.zeros_like(mask)
+        m[d] = True
+        mask &= m
+    return mask.nonzero().flatten()
+
+
+def attach(model: nn.Module, config: OmissionConfig | None = None, *, total_steps: int | None = None,
+           **fields: Any) -> Omitter:
+    """Patch ``model`` for neuron omission; ``fields`` are ``OmissionConfig`` fields (e.g. ``rate=0.5``)."""
+    if config is not None and fields:
+        raise TypeError("pass either an OmissionConfig or its fields, not both")
+    config = config or OmissionConfig.from_dict(fields)
+    return Omitter(model, config, total_steps=total_steps)
+
+
+def omitter_of(model: nn.Module) -> Omitter | None:
+    """The ``Omitter`` attached to ``model``, or None."""
+    return getattr(model, _OMITTER_ATTR, None)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo ``attach`` (a no-op for a model without omission)."""
+    omitter = omitter_of(model)
+    return model if omitter is None else omitter.revert()
+
+
+__all__ = ["OmissionConfig", "Omitter", "OmissionRateError", "attach", "omitter_of", "revert", "STATE_ATTR"]

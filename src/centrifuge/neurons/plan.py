@@ -1,0 +1,187 @@
+"""Per-step omission plans: which MLP channels and KV groups of each decoder layer take part in a step.
+
+Units and their weights (d = hidden size, m = intermediate size, H query heads, Hkv KV heads, D head dim,
+G = H / Hkv query heads per KV group):
+
+* MLP channel i: row i of ``gate_proj`` and ``up_proj`` (and of their biases), column i of ``down_proj``.
+* KV group j: rows j·D … (j+1)·D−1 of ``k_proj`` / ``v_proj``; its G query heads j·G … (j+1)·G−1, i.e. rows
+  j·G·D … (j+1)·G·D−1 of ``q_proj`` and the same columns of ``o_proj``. Whole groups are kept or omitted, so
+  every kept query head still has its own key/value head and G stays the same (under plain multi-head
+  attention a group is one head).
+
+A ``LayerPlan`` holds the kept (and omitted) unit ids of one layer; an ``OmissionPlan`` maps layer index →
+``LayerPlan`` for one step (a layer that is absent runs dense). Plans are plain values: the ``Omitter`` makes
+one per step and sets it on the patched layers before the forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+
+class OmissionRateError(ValueError):
+    """An omission rate outside [0, 1)."""
+
+
+def check_rate(rate: float, where: str = "") -> float:
+    """Return ``rate`` as a float, or raise ``OmissionRateError`` unless 0 ≤ rate < 1."""
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:  # also rejects NaN
+        at = f" {where}" if where else ""
+        raise OmissionRateError(
+            f"omission rate must be in [0, 1) (the fraction of MLP channels / KV groups left out; 0 = dense), "
+            f"got {rate}{at}"
+        )
+    return rate
+
+
+def kept_count(total: int, rate: float, multiple: int = 1) -> int:
+    """How many of ``total`` units to keep at omission ``rate``.
+
+    ⌈(1 − rate)·total / multiple⌉·multiple, capped at ``total`` and never zero: rounding goes up, so a step
+    never omits more than asked (tensor-core friendly sizes with ``multiple`` = 64 or 128).
+    """
+    check_rate(rate)
+    if multiple < 1:
+        raise ValueError(f"multiple must be ≥ 1, got {multiple}")
+    if rate == 0.0:
+        return total
+    k = math.ceil((1.0 - rate) * total / multiple - 1e-9) * multiple
+    return max(1, min(total, k))
+
+
+def _sorted_ids(ids, device) -> torch.Tensor:
+    t = torch.as_tensor(ids, dtype=torch.long, device=device).flatten()
+    return t.sort().values
+
+
+def _complement(kept: torch.Tensor, total: int) -> torch.Tensor:
+    mask = torch.ones(total, dtype=torch.bool, device=kept.device)
+    mask[kept] = False
+    return mask.nonzero().flatten()
+
+
+def _group_rows(groups: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of the units ``groups`` [g] when unit j owns rows j·width … (j+1)·width − 1 → [g·width]."""
+    offsets = torch.arange(width, device=groups.device)
+    return (groups[:, None] * width + offsets).flatten()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """The kept units of one decoder layer for one step.
+
+    Attributes:
+        channels: [k] int64 sorted kept MLP channel ids, or None = all channels.
+        dropped_channels: [m − k] int64 sorted omitted channel ids (None when ``channels`` is None).
+        groups: [g] int64 sorted kept KV group ids, or None = all heads.
+        dropped_groups: [Hkv − g] int64 sorted omitted group ids (None when ``groups`` is None).
+        heads_per_group: G, query heads per KV group.
+        head_dim: D.
+    """
+
+    channels: torch.Tensor | None = None
+    dropped_channels: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+    dropped_groups: torch.Tensor | None = None
+    heads_per_group: int = 1
+    head_dim: int = 1
+
+    @classmethod
+    def build(cls, *, channels: Sequence[int] | torch.Tensor | None = None,
+              groups: Sequence[int] | torch.Tensor | None = None, num_channels: int = 0, num_groups: int = 0,
+              heads_per_group: int = 1, head_dim: int = 1, device: torch.device | str | None = None) -> LayerPlan:
+        """A plan from hand-picked kept ids (sorted here; omitted ids are the complement)."""
+        kwargs = {}
+        if channels is not None:
+            kept = _sorted_ids(channels, device)
+            kwargs.update(channels=kept, dropped_channels=_complement(kept, num_channels))
+        if groups is not None:
+            kept = _sorted_ids(groups, device)
+            kwargs.update(groups=kept, dropped_groups=_complement(kept, num_groups))
+        return cls(heads_per_group=heads_per_group, head_dim=head_dim, **kwargs)
+
+    @property
+    def omits_channels(self) -> bool:
+        return self.channels is not None
+
+    @property
+    def omits_heads(self) -> bool:
+        return self.groups is not None
+
+    @functools.cached_property
+    def q_rows(self) -> torch.Tensor | None:
+        """[g·G·D] kept rows of ``q_proj`` (= kept columns of ``o_proj``), or None."""
+        return None if self.groups is None else _group_rows(self.groups, self.heads_per_group * self.head_dim)
+
+    @functools.cached_property
+    def kv_rows(self) -> torch.Tensor | None:
+        """[g·D] kept rows of ``k_proj`` and ``v_proj``, or None."""
+        return None if self.groups is None else _group_rows(self.groups, self.head_dim)
+
+    @functools.cached_property
+    def dropped_q_rows(self) -> torch.Tensor | None:
+        if self.dropped_groups is None:
+            return None
+        return _group_rows(self.dropped_groups, self.heads_per_group * self.head_dim)
+
+    @functools.cached_property
+    def dropped_kv_rows(self) -> torch.Tensor | None:
+        return None if self.dropped_groups is None else _group_rows(self.dropped_groups, self.head_dim)
+
+    def slices(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(kept output rows, kept input columns) of the projection ``name`` (e.g. "gate_proj", "o_proj")."""
+        if name in ("gate_proj", "up_proj"):
+            return self.channels, None
+        if name == "down_proj":
+            return None, self.channels
+        if name == "q_proj":
+            return self.q_rows, None
+        if name in ("k_proj", "v_proj"):
+            return self.kv_rows, None
+        if name == "o_proj":
+            return None, self.q_rows
+        raise KeyError(f"no omission slice for projection {name!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OmissionPlan:
+    """Kept units of every decoder layer for one step.
+
+    Attributes:
+        rate: the omission rate asked for (kept sizes are rounded up, see ``kept_count``).
+        layers: layer index → ``LayerPlan``; a layer that is absent runs dense.
+        step: the training step the plan was made for (None for hand-made plans).
+        dense_layers: layers the rate asked to omit in but that ran dense because their importance
+            metric had no statistics yet (the first training forward gathers them).
+    """
+
+    rate: float
+    layers: Mapping[int, LayerPlan]
+    step: int | None = None
+    dense_layers: tuple[int, ...] = ()
+
+    def get(self, layer_idx: int) -> LayerPlan | None:
+        return self.layers.get(layer_idx)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Numbers to log: the asked rate and the realised omitted fractions (no GPU synchronisation)."""
+        def realised(kept_attr: str, dropped_attr: str) -> float | None:
+            kept = dropped = 0
+            for lp in self.layers.values():
+                k, d = getattr(lp, kept_attr), getattr(lp, dropped_attr)
+                if k is not None:
+                    kept, dropped = kept + k.numel(), dropped + d.numel()
+            return None if kept + dropped == 0 else dropped / (kept + dropped)
+
+        return {
+            "step": self.step, "rate": self.rate,
+            "channels_omitted": realised("channels", "dropped_channels"),
+            "groups_omitted": realised("groups", "dropped_groups"),
+            "dense_layers": len(self.dense_layers),
+        }

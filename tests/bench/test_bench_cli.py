@@ -133,3 +133,5 @@ def test_list_replot_and_bad_arguments(smoke, tmp_path, capsys):
     assert _run(capsys, "--device", "cpu", "--variants", "dense,nope")[0] == 2
     assert _run(capsys, "--device", "cpu", "--keep", "0")[0] == 2
     assert _run(capsys, "--device", "cpu", "--preset", "gpt5")[0] == 2
+    assert _run(capsys, "--device", "cpu", "--seq", "64", "--tokens", "32")[0] == 2
+    assert _run(capsys, "--device", "cpu", "--layers", "many")[0] == 2

@@ -162,13 +162,17 @@ def run(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     if not gpu and any(p not in ("tiny", "qwen2-tiny") for p in presets):
         print("[bench] warning: large preset on the CPU; CPU runs are smoke tests only", file=sys.stderr)
-    opts = BenchOptions(
-        presets=presets, variants=specs, seqs=seqs, batch=batch, tokens=tokens, keeps=list(args.keep),
-        omit=args.omit, layers=_parse_layers(args.layers), reps=args.reps, warmup=args.warmup, device=device,
-        dtype=dtype, seed=args.seed, lr=args.lr, peak_tflops=args.peak_tflops, count_flops=args.count_flops,
-        time_limit=args.time_limit,
-    )
-    opts.groups()  # validates --tokens against every --seq
+    try:
+        opts = BenchOptions(
+            presets=presets, variants=specs, seqs=seqs, batch=batch, tokens=tokens, keeps=list(args.keep),
+            omit=args.omit, layers=_parse_layers(args.layers), reps=args.reps, warmup=args.warmup,
+            device=device, dtype=dtype, seed=args.seed, lr=args.lr, peak_tflops=args.peak_tflops,
+            count_flops=args.count_flops, time_limit=args.time_limit,
+        )
+        opts.groups()  # validates --tokens against every --seq
+    except ValueError as err:
+        print(f"centrifuge bench: {err}", file=sys.stderr)
+        return 2
     out_dir = args.out or f"runs/bench/{time.strftime('%Y%m%d-%H%M%S')}"
     resolved = {"presets": presets, "batch": batch, "seqs": seqs, "tokens": tokens, "device": device,
                 "dtype": dtype, "variants": ",".join(s.label for s in specs)}

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -242,11 +241,16 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def _tmp_path(path: str) -> str:
+    """A temporary name next to ``path`` (same file system, so ``os.replace`` is atomic); hidden."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+
+
 def _write_json_atomic(path: str, data: Any) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    tmp = _tmp_path(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
             f.flush()
@@ -258,8 +262,7 @@ def _write_json_atomic(path: str, data: Any) -> None:
 
 
 def _save_shard_atomic(path: str, loss: torch.Tensor, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
+    tmp = _tmp_path(path)
     try:
         save_file({TENSOR: loss.contiguous()}, tmp, metadata=metadata)
         _fsync_file(tmp)

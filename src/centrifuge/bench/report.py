@@ -328,8 +328,9 @@ def plot(path: str | Path, rows: list[dict[str, Any]]) -> Path | None:
         _plot_keep(ax_k, group_rows)
         _plot_memory(ax_m, group_rows)
         titled = next((r for r in group_rows if r.get("shape")), group_rows[0])
-        ax_k.set_title(f"{_group_title(titled)}\nratio to dense vs keep ratio κ", fontsize=9)
-        ax_m.set_title("peak memory (hatched: held before the forward)", fontsize=9)
+        ax_k.set_title(f"{_group_title(titled)}\ntime ratio to dense (+ckpt variants: to dense+ckpt) vs keep ratio κ",
+                       fontsize=9)
+        ax_m.set_title("peak memory, GiB and ratio to baseline (hatched: held before the forward)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

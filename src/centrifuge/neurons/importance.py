@@ -28,8 +28,13 @@ METRICS = ("uniform", "magnitude", "wanda", "activation")
 SELECTIONS = ("topk", "sample")
 
 
+def _norm(w: torch.Tensor, dim) -> torch.Tensor:
+    """L2 norm over ``dim``, accumulated in at least float32, returned as float32."""
+    return torch.linalg.vector_norm(w, dim=dim, dtype=torch.promote_types(w.dtype, torch.float32)).float()
+
+
 def _sq_norm(w: torch.Tensor, dim) -> torch.Tensor:
-    return torch.linalg.vector_norm(w, dim=dim, dtype=torch.float32).square()
+    return _norm(w, dim).square()
 
 
 def _abs_mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -78,13 +83,13 @@ def group_wanda(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, x_rms: 
 def feature_rms(x: torch.Tensor) -> torch.Tensor:
     """x [..., n] → [n] float32: root-mean-square of each feature over all leading (token) dimensions."""
     rows = x.reshape(-1, x.shape[-1])
-    return torch.linalg.vector_norm(rows, dim=0, dtype=torch.float32) / max(rows.shape[0], 1) ** 0.5
+    return _norm(rows, 0) / max(rows.shape[0], 1) ** 0.5
 
 
 def group_activation(o: torch.Tensor, heads_per_group: int) -> torch.Tensor:
     """Attention output o [B, S, h, D] (h = g·G kept query heads) → [g] float32: per group, the sum over its
     heads of the head output's root-mean-square over tokens and D."""
-    heads = torch.linalg.vector_norm(o, dim=(0, 1, 3), dtype=torch.float32) / max(o.numel() // o.shape[2], 1) ** 0.5
+    heads = _norm(o, (0, 1, 3)) / max(o.numel() // o.shape[2], 1) ** 0.5
     return heads.view(-1, heads_per_group).sum(1)
 
 

@@ -146,13 +146,14 @@ def test_omission_linear_composes_with_the_shared_layer_recipe():
     gen = torch.Generator().manual_seed(0)
     R, D = 10, attn.head_dim
     x = torch.randn(R, 48, dtype=torch.float64, generator=gen)
-    cos, sin = torch.randn(R, D, dtype=torch.float64, generator=gen), torch.randn(R, D, dtype=torch.float64,
-                                                                                   generator=gen)
+    cos = torch.randn(R, D, dtype=torch.float64, generator=gen)
+    sin = torch.randn(R, D, dtype=torch.float64, generator=gen)
     kept_heads = torch.tensor([0, 1, 6, 7])
     q, k, v = attention_inputs(layer, spec, x, cos, sin, omission_linear(lp))
     dq, dk, dv = attention_inputs(layer, spec, x, cos, sin, omission_linear(None))
     assert q.shape == (R, 4, D) and k.shape == (R, 2, D)
-    assert torch.allclose(q, dq[:, kept_heads]) and torch.allclose(k, dk[:, [0, 3]]) and torch.allclose(v, dv[:, [0, 3]])
+    assert torch.allclose(q, dq[:, kept_heads])
+    assert torch.allclose(k, dk[:, [0, 3]]) and torch.allclose(v, dv[:, [0, 3]])
     o = torch.randn(R, 8, D, dtype=torch.float64, generator=gen)
     y = layer_output(layer, x, o[:, kept_heads], omission_linear(lp))
     with reference_omission(model, plan):

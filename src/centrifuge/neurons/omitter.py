@@ -277,8 +277,11 @@ class Omitter:
                         out.append((lin.bias, 0, channels))
                 out.append((mlp.down_proj.weight, 1, channels))
             if groups is not None and groups.numel():
-                probe = LayerPlan(groups=groups, heads_per_group=om.heads_per_group, head_dim=om.head_dim)
-                q_rows, kv_rows = probe.q_rows, probe.kv_rows
+                if groups is per_layer[0].dropped_groups:
+                    q_rows, kv_rows = per_layer[0].dropped_q_rows, per_layer[0].dropped_kv_rows  # cached
+                else:
+                    probe = LayerPlan(groups=groups, heads_per_group=om.heads_per_group, head_dim=om.head_dim)
+                    q_rows, kv_rows = probe.q_rows, probe.kv_rows
                 for lin, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)):
                     out.append((lin.weight, 0, rows))
                     if lin.bias is not None:

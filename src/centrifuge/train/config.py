@@ -332,12 +332,12 @@ def _describe_unknown(key: str, section: str | None) -> str:
     elsewhere = [f"{s}.{key}" for s, t in types_.items() if key in section_keys(t)]
     if elsewhere:
         return f"{dotted!r} (did you mean {elsewhere[0]!r}?)"
-    alias = _ALIASES.get(key)
-    if alias is not None:
-        return f"{dotted!r} (did you mean {alias!r}?)"
-    own = difflib.get_close_matches(key, list(section_keys(types_[section])), n=1, cutoff=0.5)
+    # This section's keys and the other trainers' names for them, misspelt or not.
+    candidates = {k: f"{section}.{k}" for k in section_keys(types_[section])}
+    candidates.update(_ALIASES)
+    own = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
     if own:
-        return f"{dotted!r} (did you mean {section + '.' + own[0]!r}?)"
+        return f"{dotted!r} (did you mean {candidates[own[0]]!r}?)"
     others = {k: f"{s}.{k}" for s, t in types_.items() for k in section_keys(t)}
     close = difflib.get_close_matches(key, list(others), n=1, cutoff=0.6)
     if close:

@@ -404,6 +404,8 @@ def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plug
 
     step = start_step
     saved_path = resume_from
+    if start_step >= config.train.steps:
+        say(f"nothing to do: the run is at step {start_step} and train.steps is {config.train.steps}")
     stop = StopRequest()
     try:
         if state is None:

@@ -56,9 +56,9 @@ def dense_loss(model: nn.Module, batch: Batch) -> MicroLoss:
     (given a 2-D mask it would let every token see the previous documents of its row)."""
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     targets = shift_labels(batch["labels"])  # [B, T]
-    loss_sum = F.cross_entropy(
-        out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    logits = out.logits.flatten(0, 1)  # [B*T, V]; CE in at least fp32 (bf16 under autocast, fp64 in tests)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss_sum = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     num_valid = (targets != IGNORE_INDEX).sum()
     return MicroLoss(loss_sum=loss_sum, num_counted=num_valid, num_valid=num_valid)
 

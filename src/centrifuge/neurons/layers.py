@@ -16,6 +16,7 @@ instance are untouched) and read the per-step ``LayerPlan`` that the ``Omitter``
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 from collections.abc import Callable
@@ -181,10 +182,16 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@functools.cache
+def _eager_attention(modeling_module: str) -> Callable:
+    return importlib.import_module(modeling_module).eager_attention_forward
+
+
 def _attention_interface(attn: nn.Module, spec: ArchSpec) -> Callable:
+    """The attention function HF's own forward would call (``config._attn_implementation``)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    eager = importlib.import_module(spec.modeling_module).eager_attention_forward
+    eager = _eager_attention(spec.modeling_module)
     impl = attn.config._attn_implementation
     get = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
     if get is not None:

@@ -10,7 +10,9 @@
     omitter.revert()
 
 Selection happens in ``plan`` from statistics the training forwards gathered (see ``importance``); a layer
-whose metric has no statistics yet runs dense for that step (with the ``uniform`` metric, never).
+whose metric has no statistics yet runs dense for that step (with the ``uniform`` metric, never). Under
+``torch.distributed`` every rank uses rank 0's choice (broadcast in ``plan``, a few KB), so data-parallel
+replicas omit the same units and their optimizer masks agree.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from centrifuge import schedules
@@ -222,6 +225,10 @@ class Omitter:
             kept, dropped = importance.select(
                 scores, k, method=cfg.select, temperature=cfg.temperature,
                 generator=self._generator(device, step, unit), shape=(len(members), n), device=device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # statistics differ between data-parallel ranks: every rank uses rank 0's choice
+                dist.broadcast(kept, src=0)
+                dist.broadcast(dropped, src=0)
             for row, (i, _) in enumerate(members):
                 chosen[i] = (kept[row], dropped[row])
         return chosen, waiting

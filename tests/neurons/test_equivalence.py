@@ -177,3 +177,22 @@ def test_mlp_backward_flops_halve_at_rate_half():
     omitter.plan(0)
     assert mlp.forward.__self__ is mlp and omitter.current.layers[0].channels.numel() == 128
     assert backward_flops() == pytest.approx(0.5 * dense, rel=0.02)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_with_the_same_plan(reentrant):
+    model = tiny_model("llama")
+    omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=16)
+    plan = omitter.plan(0)
+    inputs = batch(8)
+    logits, grads = step_grads(model, inputs)
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    omitter.set_plan(plan)
+    ckpt_logits, ckpt_grads = step_grads(model, inputs)
+    assert torch.equal(logits, ckpt_logits)
+    for name, g in grads.items():
+        assert (ckpt_grads[name] - g).abs().max().item() < TOL, name

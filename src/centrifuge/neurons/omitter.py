@@ -141,6 +141,10 @@ class Omitter:
         except Exception:
             self.revert()
             raise
+        sizes = {(om.num_channels, om.num_groups, om.heads_per_group) for om in self._layers.values()}
+        if len(sizes) > 1:
+            self.revert()
+            raise ValueError(f"neuron omission needs equal layer shapes; found (channels, KV groups, G) {sizes}")
         setattr(model, _OMITTER_ATTR, self)
         self.current: OmissionPlan | None = None
         self._since_step: list[OmissionPlan] = []

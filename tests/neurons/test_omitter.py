@@ -162,3 +162,17 @@ def test_optimizer_mask_intersects_plans_of_micro_batches_and_can_be_removed():
     opt.step()
     assert not torch.equal(w.detach()[omitter.current.layers[0].dropped_channels],
                            before[omitter.current.layers[0].dropped_channels])  # weight decay, unprotected
+
+
+def test_statistics_round_trip_through_state_dict():
+    model, other = tiny_model("llama"), tiny_model("llama")
+    a = neurons.attach(model, rate=0.5, metric="wanda", multiple=16)
+    b = neurons.attach(other, rate=0.5, metric="wanda", multiple=16)
+    step_grads(model, batch(0))
+    state = a.state_dict()
+    assert set(state) == {f"{i}.{n}" for i in (0, 1) for n in ("mlp_score", "group_score", "mlp_x_ms", "attn_x_ms")}
+    b.load_state_dict(state)
+    pa, pb = a.plan(4), b.plan(4)
+    assert all(torch.equal(pa.layers[i].channels, pb.layers[i].channels) for i in (0, 1))
+    with pytest.raises(KeyError, match="unexpected omission statistic"):
+        b.load_state_dict({"0.bogus": torch.zeros(1)})

@@ -305,6 +305,22 @@ class Omitter:
 
     # ------------------------------------------------------------------------------------------ state
 
+    _STAT_NAMES = ("mlp_score", "group_score", "mlp_x_ms", "attn_x_ms")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The importance statistics (``"<layer>.<name>"`` → tensor), for checkpoints: with the same seed
+        and step, a resumed run makes the same plans."""
+        return {f"{i}.{name}": t.detach().clone() for i, om in self._layers.items() for name in self._STAT_NAMES
+                if (t := getattr(om, name)) is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            layer, name = key.split(".", 1)
+            om = self._layers.get(int(layer))
+            if om is None or name not in self._STAT_NAMES:
+                raise KeyError(f"unexpected omission statistic {key!r}")
+            setattr(om, name, value.to(self._device(int(layer))))
+
     def layer_state(self, layer_idx: int) -> LayerOmission:
         """The ``LayerOmission`` (plan and statistics) of one omitting layer."""
         return self._layers[layer_idx]

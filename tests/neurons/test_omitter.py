@@ -176,3 +176,18 @@ def test_statistics_round_trip_through_state_dict():
     assert all(torch.equal(pa.layers[i].channels, pb.layers[i].channels) for i in (0, 1))
     with pytest.raises(KeyError, match="unexpected omission statistic"):
         b.load_state_dict({"0.bogus": torch.zeros(1)})
+
+
+def test_a_dense_forward_in_the_step_unprotects_everything():
+    model = tiny_model("llama")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=16)
+    omitter.protect(opt)
+    plan = omitter.plan(0)
+    omitter.clear()
+    step_grads(model, batch(0))
+    w = model.model.layers[0].mlp.gate_proj.weight
+    before = w.detach().clone()
+    opt.step()
+    dropped = plan.layers[0].dropped_channels
+    assert not torch.equal(w.detach()[dropped], before[dropped])

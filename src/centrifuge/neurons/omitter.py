@@ -245,10 +245,8 @@ class Omitter:
         for i, om in self._layers.items():
             om.plan = None if plan is None else plan.get(i)
         self.current = plan
-        if plan is None:
-            return
         if self._masks:
-            self._since_step.append(plan)  # the optimizer mask intersects the plans of one step
+            self._since_step.append(plan)  # the optimizer mask intersects the plans of one step (None = dense)
         else:
             self._since_step = [plan]
 
@@ -267,15 +265,16 @@ class Omitter:
         return OptimizerMask(self, optimizer)
 
     def omitted_slices(self) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
-        """(parameter, dim, ids) of the weights omitted by every plan set since the last optimizer step.
+        """(parameter, dim, ids) of the weights omitted by every plan set since the last optimizer step (a
+        ``clear()`` in between counts as a dense plan; with none set since, the current plan counts).
 
         When one plan was used (the usual case), no host synchronisation happens; with several plans per
         step (e.g. one per micro-batch) the omitted set is their intersection."""
-        plans = self._since_step or ([self.current] if self.current is not None else [])
+        plans = self._since_step or [self.current]
         layers = self.model.model.layers
         out = []
         for i, om in self._layers.items():
-            per_layer = [p.get(i) for p in plans]
+            per_layer = [None if p is None else p.get(i) for p in plans]
             if not per_layer or any(lp is None for lp in per_layer):
                 continue
             channels = _intersect([lp.dropped_channels for lp in per_layer], om.num_channels)

@@ -32,12 +32,13 @@ def test_fast_equals_reference_float64(model_type, gen):
     assert max_rel_err(exact, ref) > 1e-4
 
 
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
 @pytest.mark.parametrize("kv_heads", [1, 4])
-def test_gqa_one_kv_head_and_mha(kv_heads, gen):
+def test_gqa_one_kv_head_and_mha(kv_heads, attention, gen):
     model = tiny_model("llama", heads=4, kv_heads=kv_heads)
     ids, keep = random_batch(gen, B=2, T=17)
     _, ref = run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)
-    _, got = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=keep)
+    _, got = run_mode(model, "fast", attention=attention, input_ids=ids, labels=ids, keep_mask=keep)
     assert max_rel_err(got, ref) < 1e-10
 
 
@@ -53,6 +54,8 @@ def test_mask_after_forward_batch_topk(gen):
     assert per_row.unique().numel() > 1  # batch-level top-k: rows keep different counts
     assert out.num_counted.item() == round(0.37 * 3 * 18)
     assert max_rel_err(got, ref) < 1e-10
+    _, got_sdpa = run_mode(model, "fast", attention="sdpa", input_ids=ids, labels=ids, select=select)
+    assert max_rel_err(got_sdpa, ref) < 1e-10
 
 
 def test_both_timings_give_the_same_gradients(gen):
@@ -77,6 +80,8 @@ def test_packed_documents_with_restarting_positions(gen):
     _, ref = run_mode(model, "reference", **inputs)
     _, got = run_mode(model, "fast", **inputs)
     assert max_rel_err(got, ref) < 1e-10
+    _, got_sdpa = run_mode(model, "fast", attention="sdpa", **inputs)  # SDPA with an explicit mask
+    assert max_rel_err(got_sdpa, ref) < 1e-10
     # documents really are separated: gradients change when the positions do not restart
     _, unpacked = run_mode(model, "reference", **{**inputs, "position_ids": None})
     assert max_rel_err(unpacked, ref) > 1e-6

@@ -37,16 +37,19 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
         mode: "fast" (token-sparse backward), "reference" (plain autograd with filtered tokens' keys and
             values detached in every attention layer: the oracle), or "loss_only" (masked loss, full
             backward).
-        attention: attention backend of the fast path: "auto" (FlashAttention varlen on CUDA where it
-            applies, else the math path), "math" or "flash".
+        attention: attention backend of the fast path: "auto" (on CUDA the dense model's own SDPA kernels
+            for plain causal rows, else FlashAttention varlen; the math path on the CPU), or one of
+            ``centrifuge.ops.attention.BACKENDS`` by name ("math", "flash", "sdpa", ...).
 
     After ``apply``: ``model(input_ids=..., labels=..., keep_mask=keep)`` or ``model(..., select=fn)``
     returns a ``TokenFilterOutput``; without either it is the original forward.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if attention not in ("auto", "math", "flash"):
-        raise ValueError(f"unknown attention backend {attention!r}; choose auto, math or flash")
+    from centrifuge.ops.attention import BACKENDS
+
+    if attention != "auto" and attention not in BACKENDS:
+        raise ValueError(f"unknown attention backend {attention!r}; choose auto, {', '.join(BACKENDS)}")
     spec = spec_for(model)
     if hasattr(model, _STATE_ATTR):
         revert(model)

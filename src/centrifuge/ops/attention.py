@@ -146,18 +146,83 @@ class FlashVarlenAttention:
         return dq[keep], dk[keep], dv[keep]
 
 
+class SdpaAttention:
+    """PyTorch SDPA, whichever kernel it picks (cuDNN or FlashAttention on Hopper): the same attention
+    kernels the dense model runs, with native GQA.
+
+    The forward records a small autograd graph of its own (q, k, v → o); ``backward_kept`` runs that
+    graph's backward with dO = 0 on filtered queries, which is exact for the kept rows (full attention
+    work, like the flash path). Batches whose rows are plain causal sequences (no packing, no padding, no
+    sliding window) use ``is_causal``; other layouts an explicit [B, 1, T, T] mask (CPU only: on CUDA a
+    mask sends SDPA to slow kernels)."""
+
+    name = "sdpa"
+    needs_full_queries = False  # keeps its own graph; the layer need not save q / o
+
+    @staticmethod
+    def plain_causal(layout: TokenLayout) -> bool:
+        rows = torch.arange(layout.batch + 1, device=layout.cu_seqlens.device) * layout.seqlen
+        return (layout.contiguous and layout.sliding_window is None
+                and layout.cu_seqlens.numel() == layout.batch + 1 and bool(torch.equal(layout.cu_seqlens, rows)))
+
+    @classmethod
+    def supports(cls, q: torch.Tensor, layout: TokenLayout) -> bool:
+        return cls.plain_causal(layout) or not q.is_cuda
+
+    def forward(self, q, k, v, layout: TokenLayout, scale: float):
+        B, T = layout.batch, layout.seqlen
+        N, H, D = q.shape
+
+        def heads_first(t):
+            return t.detach().view(B, T, t.shape[1], D).transpose(1, 2).requires_grad_(True)
+
+        qb, kb, vb = heads_first(q), heads_first(k), heads_first(v)
+        if self.plain_causal(layout):
+            mask, causal = None, True
+        else:
+            rows = torch.arange(N, device=q.device).view(B, T)
+            mask = torch.stack([layout.visible(r, r) for r in rows])[:, None]
+            causal = False
+        with torch.enable_grad():
+            ob = torch.nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != H)
+        o = ob.detach().transpose(1, 2).reshape(N, H, D)
+        return o, (ob, qb, kb, vb)
+
+    def backward_kept(self, do_k, *, q, k, v, o, aux, keep, layout: TokenLayout, scale: float,
+                      queries_compact: bool):
+        ob, qb, kb, vb = aux
+        B, T = layout.batch, layout.seqlen
+        N, H, D = layout.num_rows, ob.shape[1], ob.shape[-1]
+        do = torch.zeros(N, H, D, dtype=ob.dtype, device=ob.device)
+        do.index_copy_(0, keep, do_k.to(ob.dtype))
+        dq, dk, dv = torch.autograd.grad(ob, (qb, kb, vb), do.view(B, T, H, D).transpose(1, 2))
+
+        def kept_rows(t):
+            return t.transpose(1, 2).reshape(N, t.shape[1], D).index_select(0, keep)
+
+        return kept_rows(dq), kept_rows(dk), kept_rows(dv)
+
+
 _MATH = MathAttention()
 _FLASH = FlashVarlenAttention()
-BACKENDS = {"math": _MATH, "flash": _FLASH}
+_SDPA = SdpaAttention()
+BACKENDS = {"math": _MATH, "flash": _FLASH, "sdpa": _SDPA}
 
 
 def choose_backend(name: str, q: torch.Tensor, layout: TokenLayout):
     """``name``: "auto" (flash where it applies, else math), "math" or "flash"."""
     if name == "auto":
+        # The dense model's own SDPA kernels where the batch is plain causal rows; else varlen flash on
+        # CUDA; the math path on the CPU.
+        if q.is_cuda and SdpaAttention.plain_causal(layout):
+            return _SDPA
         return _FLASH if FlashVarlenAttention.supports(q, layout) else _MATH
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(BACKENDS)}")
     backend = BACKENDS[name]
     if backend is _FLASH and not FlashVarlenAttention.supports(q, layout):
         raise ValueError("the flash backend needs CUDA, fp16/bf16, head_dim ≤ 256 and contiguous segments")
+    if backend is _SDPA and not SdpaAttention.supports(q, layout):
+        raise ValueError("the sdpa backend on CUDA needs plain causal rows (no packing, padding or window)")
     return backend

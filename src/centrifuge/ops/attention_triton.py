@@ -1,0 +1,463 @@
+"""Fused Triton attention for the token-sparse backward: a varlen causal forward and a kept-token backward.
+
+Token-row layout as in ``ops.attention``: ``q`` [N, H, D], ``k``/``v`` [N, Hkv, D] (GQA: query head ``h``
+reads KV head ``h // (H / Hkv)``, never repeated in memory), segments given by ``layout.cu_seqlens``
+(contiguous runs of rows; inside a segment rows are in position order, so causality by ``layout.index`` is
+causality by row id), optional sliding window (key visible iff ``0 <= t_q - t_k < window``).
+
+Kernels (built lazily on first use, so that ``TRITON_INTERPRET=1`` set by a test before the first call
+takes effect and importing this module never imports Triton):
+
+* ``_fwd``: FlashAttention-2 style forward over all rows; grid (segments × query blocks, H). Returns
+  o [N, H, D] (input dtype) and lse [N, H] (natural log, fp32; fp64 for fp64 inputs).
+* ``_dq``: dQ of the M kept queries against *all* visible keys; grid (segments × kept-query blocks, H).
+  Uses the full-row lse and D_i = rowsum(dO_i ∘ O_i), which it computes and stores for ``_dkdv``.
+  Exact: the kept-query rows of the dense backward.
+* ``_dkdv``: dK, dV of the kept keys from kept queries only; grid (segments × kept-key blocks, Hkv); each
+  program loops over the G query heads of its KV group (no atomics).
+
+Kept rows ``keep`` [M] (sorted flat row ids) are grouped per segment by ``kcu`` [S + 1] =
+searchsorted(keep, cu_seqlens): the kept rows of segment s are ``keep[kcu[s]:kcu[s+1]]``. No host
+synchronisation: grids are sized from ``layout.max_seqlen`` and M, programs past their segment's end exit.
+
+Work at keep fraction κ (D per head, pairs = visible (query, key) pairs of the full causal problem):
+dQ pass ≈ κ · pairs · 3 GEMMs (S = QKᵀ, dP = dO Vᵀ, dQ = dS K), dK/dV pass ≈ κ² · pairs · 4 GEMMs
+(S, dP, dV = Pᵀ dO, dK = dSᵀ Q), each GEMM 2·D FLOPs per pair; the dense backward does 5 GEMMs per pair.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import types
+from typing import Any
+
+import torch
+
+from centrifuge.tokens.layout import TokenLayout
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.0 / math.log(2.0)
+
+# Tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim.
+# fwd: BLOCK_M queries × BLOCK_N keys; dq: BLOCK_M kept queries × BLOCK_N keys;
+# dkdv: BLOCK_N kept keys (rows of dK/dV) × BLOCK_M kept queries per step (BLOCK_N % BLOCK_M == 0).
+DEFAULT_CONFIGS: dict[int, dict[str, tuple[int, int, int, int]]] = {
+    16: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
+    32: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
+    64: {"fwd": (128, 64, 4, 3), "dq": (128, 32, 4, 3), "dkdv": (128, 32, 4, 3)},
+    128: {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkdv": (128, 32, 8, 2)},
+}
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` works."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels: plain functions, decorated by ``_kernels`` (``tl`` is bound there).
+# --------------------------------------------------------------------------------------------------------
+
+tl: Any = None  # triton.language, bound in the kernels' own namespace by ``_kernels``
+
+
+def _fwd_inner(acc, m_i, l_i, q, K, V, k_col, qpos, n_lo, n_hi, load_hi, sm_scale_log2, WINDOW,
+               stride_kn, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        krow = n0 + tl.arange(0, BLOCK_N)
+        kptr = krow.to(tl.int64)[:, None] * stride_kn + k_col + offs_d[None, :]
+        if MASK:
+            kin = krow < load_hi
+            k = tl.load(K + kptr, mask=kin[:, None], other=0.0)
+            v = tl.load(V + kptr, mask=kin[:, None], other=0.0)
+        else:
+            k = tl.load(K + kptr)
+            v = tl.load(V + kptr)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC).to(acc.dtype) * sm_scale_log2
+        if MASK:
+            vis = (krow[None, :] <= qpos[:, None]) & (krow[None, :] < load_hi)
+            if HAS_WINDOW:
+                vis = vis & (qpos[:, None] - krow[None, :] < WINDOW)
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc.dtype)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+def _fwd(Q, K, V, OUT, LSE, CU, sm_scale_log2, stride_qn, stride_qh, stride_kn, stride_kh, stride_on,
+         stride_oh, H, G, NMB, WINDOW, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seg = pid // NMB
+    mb = NMB - 1 - pid % NMB  # the longest causal rows first
+    seg_start = tl.load(CU + seg)
+    seg_end = tl.load(CU + seg + 1)
+    q_start = seg_start + mb * BLOCK_M
+    if q_start >= seg_end:
+        return
+    q_end = tl.minimum(q_start + BLOCK_M, seg_end)
+    hk = h // G
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    qvalid = offs_m < q_end
+    rows = offs_m.to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=qvalid[:, None],
+                other=0.0)
+    qpos = tl.minimum(offs_m, q_end - 1)  # rows past the segment act as its last row (never stored)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, HEAD_D], ACC)
+    k_col = hk * stride_kh
+    if HAS_WINDOW:
+        lo = tl.maximum(seg_start, q_start - WINDOW + 1)
+        full_end = lo
+    else:
+        lo = seg_start
+        full_end = seg_start + ((q_start - seg_start + 1) // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_col, qpos, lo, full_end, q_end, sm_scale_log2,
+                               WINDOW, stride_kn, HEAD_D, BLOCK_N, False, HAS_WINDOW, PREC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_col, qpos, full_end, q_end, q_end, sm_scale_log2,
+                               WINDOW, stride_kn, HEAD_D, BLOCK_N, True, HAS_WINDOW, PREC)
+    o = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    tl.store(OUT + rows[:, None] * stride_on + h * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty),
+             mask=qvalid[:, None])
+    tl.store(LSE + rows * H + h, lse.to(LSE.dtype.element_ty), mask=qvalid)
+
+
+def _dq_inner(dq, q, do, lse2, delta, K, V, k_col, qrow, n_lo, n_hi, load_hi, sm_scale_log2, WINDOW,
+              stride_kn, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        krow = n0 + tl.arange(0, BLOCK_N)
+        kptr = krow.to(tl.int64)[:, None] * stride_kn + k_col + offs_d[None, :]
+        if MASK:
+            kin = krow < load_hi
+            k = tl.load(K + kptr, mask=kin[:, None], other=0.0)
+            v = tl.load(V + kptr, mask=kin[:, None], other=0.0)
+        else:
+            k = tl.load(K + kptr)
+            v = tl.load(V + kptr)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC).to(dq.dtype)
+        p = tl.math.exp2(qk * sm_scale_log2 - lse2[:, None])
+        if MASK:
+            vis = (krow[None, :] <= qrow[:, None]) & (krow[None, :] < load_hi)
+            if HAS_WINDOW:
+                vis = vis & (qrow[:, None] - krow[None, :] < WINDOW)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(dq.dtype)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(dq.dtype)
+    return dq
+
+
+def _dq(Q, K, V, OUT, DO, LSE, DELTA, DQ, KEEP, CU, KCU, sm_scale, sm_scale_log2, stride_kn, stride_kh,
+        H, G, NQB, WINDOW, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    # Q, O, DO, DQ: compact [M, H, HEAD_D] contiguous; LSE, DELTA: [M, H].
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seg = pid // NQB
+    b = NQB - 1 - pid % NQB
+    kstart = tl.load(KCU + seg)
+    kend = tl.load(KCU + seg + 1)
+    j0 = kstart + b * BLOCK_M
+    if j0 >= kend:
+        return
+    seg_start = tl.load(CU + seg).to(tl.int64)
+    j_last = tl.minimum(j0 + BLOCK_M, kend) - 1
+    row_min = tl.load(KEEP + j0)
+    row_max = tl.load(KEEP + j_last)
+    offs_j = j0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    jvalid = offs_j < kend
+    qrow = tl.load(KEEP + offs_j, mask=jvalid, other=0)
+    qrow = tl.where(jvalid, qrow, row_max)
+    jr = offs_j.to(tl.int64)
+    qptr = jr[:, None] * (H * HEAD_D) + h * HEAD_D + offs_d[None, :]
+    q = tl.load(Q + qptr, mask=jvalid[:, None], other=0.0)
+    do = tl.load(DO + qptr, mask=jvalid[:, None], other=0.0)
+    o = tl.load(OUT + qptr, mask=jvalid[:, None], other=0.0)
+    lse2 = tl.load(LSE + jr * H + h, mask=jvalid, other=float("inf")).to(ACC) * 1.4426950408889634
+    delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+    tl.store(DELTA + jr * H + h, delta.to(DELTA.dtype.element_ty), mask=jvalid)
+    dq = tl.zeros([BLOCK_M, HEAD_D], ACC)
+    k_col = (h // G) * stride_kh
+    if HAS_WINDOW:
+        lo = tl.maximum(seg_start, row_min - WINDOW + 1)
+        full_end = lo
+    else:
+        lo = seg_start
+        full_end = seg_start + ((row_min - seg_start + 1) // BLOCK_N) * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, k_col, qrow, lo, full_end, row_max + 1, sm_scale_log2,
+                   WINDOW, stride_kn, HEAD_D, BLOCK_N, False, HAS_WINDOW, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, K, V, k_col, qrow, full_end, row_max + 1, row_max + 1,
+                   sm_scale_log2, WINDOW, stride_kn, HEAD_D, BLOCK_N, True, HAS_WINDOW, PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + qptr, dq.to(DQ.dtype.element_ty), mask=jvalid[:, None])
+
+
+def _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, m_lo, m_hi, kend, sm_scale_log2, WINDOW,
+                H, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mvalid = offs_m < kend
+        mr = offs_m.to(tl.int64)
+        qptr = mr[:, None] * (H * HEAD_D) + h * HEAD_D + offs_d[None, :]
+        q = tl.load(Q + qptr, mask=mvalid[:, None], other=0.0)
+        do = tl.load(DO + qptr, mask=mvalid[:, None], other=0.0)
+        lse2 = tl.load(LSE + mr * H + h, mask=mvalid, other=float("inf")).to(dk.dtype) * 1.4426950408889634
+        delta = tl.load(DELTA + mr * H + h, mask=mvalid, other=0.0).to(dk.dtype)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PREC).to(dk.dtype)  # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * sm_scale_log2 - lse2[None, :])
+        if MASK:
+            qrow = tl.load(KEEP + offs_m, mask=mvalid, other=0)
+            vis = (krow[:, None] <= qrow[None, :]) & mvalid[None, :]
+            if HAS_WINDOW:
+                vis = vis & (qrow[None, :] - krow[:, None] < WINDOW)
+            pT = tl.where(vis, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC).to(dv.dtype)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC).to(dk.dtype)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC).to(dk.dtype)
+    return dk, dv
+
+
+def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, stride_kn, stride_kh,
+          H, HKV, G, NKB, WINDOW, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    # Q, DO: compact [M, H, HEAD_D]; LSE, DELTA: [M, H]; DK, DV: compact [M, HKV, HEAD_D] contiguous.
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    seg = pid // NKB
+    b = NKB - 1 - pid % NKB
+    kstart = tl.load(KCU + seg)
+    kend = tl.load(KCU + seg + 1)
+    j0 = kstart + b * BLOCK_N
+    if j0 >= kend:
+        return
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    nvalid = offs_n < kend
+    krow = tl.load(KEEP + offs_n, mask=nvalid, other=0)
+    kptr = krow.to(tl.int64)[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+    k = tl.load(K + kptr, mask=nvalid[:, None], other=0.0)
+    v = tl.load(V + kptr, mask=nvalid[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_D], ACC)
+    dv = tl.zeros([BLOCK_N, HEAD_D], ACC)
+    diag_end = tl.minimum(j0 + BLOCK_N, kend)
+    if HAS_WINDOW:  # noqa: SIM108
+        # kept rows are distinct and increasing, so a query WINDOW or more compact slots past the
+        # block's last key is at least WINDOW rows past it: invisible.
+        m_hi = tl.minimum(kend, diag_end - 1 + WINDOW)
+    else:
+        m_hi = kend
+    for g in range(G):
+        h = hk * G + g
+        if HAS_WINDOW:
+            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, j0, m_hi, kend,
+                                 sm_scale_log2, WINDOW, H, HEAD_D, BLOCK_M, True, HAS_WINDOW, PREC)
+        else:
+            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, j0, diag_end, kend,
+                                 sm_scale_log2, WINDOW, H, HEAD_D, BLOCK_M, True, HAS_WINDOW, PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, j0 + BLOCK_N, m_hi, kend,
+                                 sm_scale_log2, WINDOW, H, HEAD_D, BLOCK_M, False, HAS_WINDOW, PREC)
+    dk = dk * sm_scale
+    optr = offs_n.to(tl.int64)[:, None] * (HKV * HEAD_D) + hk * HEAD_D + offs_d[None, :]
+    tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=nvalid[:, None])
+    tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=nvalid[:, None])
+
+
+_KERNEL_NAMES = ("_fwd_inner", "_fwd", "_dq_inner", "_dq", "_dkdv_inner", "_dkdv")
+
+
+@functools.cache
+def _kernels(interpret: bool):
+    """Decorate the kernels with ``triton.jit`` (once per interpreter mode; ``interpret`` keys the cache).
+
+    The raw functions above are plain Python so that importing this module never imports Triton and the
+    interpreter mode is read at first use; each mode gets copies whose globals hold the decorated helpers.
+    """
+    import triton
+    import triton.language as tl
+
+    ns = dict(globals())
+    ns["tl"], ns["triton"] = tl, triton
+    for name in _KERNEL_NAMES:
+        raw = globals()[name]
+        fn = types.FunctionType(raw.__code__, ns, name, raw.__defaults__, raw.__closure__)
+        fn.__qualname__, fn.__module__, fn.__annotations__ = raw.__qualname__, raw.__module__, raw.__annotations__
+        ns[name] = triton.jit(fn)
+    return {"fwd": ns["_fwd"], "dq": ns["_dq"], "dkdv": ns["_dkdv"]}
+
+
+def _precision_args(dtype: torch.dtype):
+    """(PREC, ACC) constexprs: full-precision dots for fp32/fp64 inputs, fp32 accumulation otherwise."""
+    import triton.language as tl
+
+    if dtype == torch.float64:
+        return "ieee", tl.float64
+    if dtype == torch.float32:
+        return "ieee", tl.float32
+    return None, tl.float32
+
+
+class TritonKeptAttention:
+    """Triton backend: varlen causal forward on all rows, fused backward on the kept rows only.
+
+    ``needs_full_queries = False``: the backward reads q / o / lse of kept rows only (it gathers them when
+    given full rows). Inputs fp16 / bf16 (fp32 accumulation), fp32 (full-precision dots) or fp64 (tests,
+    interpreter); head dim in ``SUPPORTED_HEAD_DIMS``; contiguous segments.
+
+    Args:
+        configs: optional override of ``DEFAULT_CONFIGS`` entries, ``{head_dim: {"fwd"|"dq"|"dkdv":
+            (BLOCK_M, BLOCK_N, num_warps, num_stages)}}`` (tests use 16-wide tiles, benchmarks sweep).
+    """
+
+    name = "triton"
+    needs_full_queries = False
+
+    def __init__(self, configs: dict[int, dict[str, tuple[int, int, int, int]]] | None = None):
+        self.configs = {d: dict(c) for d, c in DEFAULT_CONFIGS.items()}
+        for d, c in (configs or {}).items():
+            self.configs.setdefault(d, {}).update(c)
+
+    # ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def supports(q: torch.Tensor, layout: TokenLayout) -> bool:
+        """CUDA tensor of fp16/bf16/fp32, head dim in ``SUPPORTED_HEAD_DIMS``, contiguous segments, Triton."""
+        return (
+            q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and q.shape[-1] in SUPPORTED_HEAD_DIMS and layout.contiguous and triton_available()
+        )
+
+    @staticmethod
+    def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> None:
+        if not layout.contiguous:
+            raise ValueError("the triton backend needs contiguous segments (see TokenLayout.contiguous)")
+        D = q.shape[-1]
+        if D not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"the triton backend supports head_dim in {SUPPORTED_HEAD_DIMS}, got {D}")
+        if q.shape[1] % k.shape[1] != 0 or k.shape != v.shape:
+            raise ValueError(f"bad GQA shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+    def _cfg(self, D: int, kernel: str) -> tuple[int, int, int, int]:
+        return self.configs[D][kernel]
+
+    @staticmethod
+    def _window(layout: TokenLayout) -> tuple[bool, int]:
+        if layout.sliding_window is None:
+            return False, 1
+        return True, int(layout.sliding_window)
+
+    # ---------------------------------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, scale: float):
+        """q [N, H, D], k/v [N, Hkv, D] → o [N, H, D] (q's dtype), lse [N, H] (fp32; fp64 for fp64 q)."""
+        self._check(q, k, v, layout)
+        N, H, D = q.shape
+        Hkv = k.shape[1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty(N, H, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                          device=q.device)
+        if N == 0:
+            return o, lse
+        kern = _kernels(_interpreting())["fwd"]
+        BM, BN, warps, stages = self._cfg(D, "fwd")
+        cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
+        S = cu.numel() - 1
+        nmb = triton_cdiv(layout.max_seqlen, BM)
+        has_window, window = self._window(layout)
+        prec, acc = _precision_args(q.dtype)
+        kern[(S * nmb, H)](
+            q, k, v, o, lse, cu, scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            o.stride(0), o.stride(1), H, H // Hkv, nmb, window,
+            HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_WINDOW=has_window, PREC=prec, ACC=acc,
+            num_warps=warps, num_stages=stages,
+        )
+        return o, lse
+
+    def backward_kept(self, do_k: torch.Tensor, *, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      o: torch.Tensor, aux: torch.Tensor, keep: torch.Tensor, layout: TokenLayout, scale: float,
+                      queries_compact: bool):
+        """Kept-token backward.
+
+        Args:
+            do_k: [M, H, D] gradient of the kept rows' output.
+            q, o: [M, H, D] (``queries_compact``) or [N, H, D]; aux: lse [M, H] or [N, H] from ``forward``.
+            k, v: [N, Hkv, D], all rows.
+            keep: [M] int64 sorted unique kept row ids.
+        Returns:
+            dq_k [M, H, D], dk_k [M, Hkv, D], dv_k [M, Hkv, D] (dtypes of do_k, k, v).
+        """
+        M, H, D = do_k.shape
+        Hkv = k.shape[1]
+        if M == 0:
+            return do_k.new_empty(0, H, D), k.new_empty(0, Hkv, D), v.new_empty(0, Hkv, D)
+        self._check(do_k, k, v, layout)
+        lse = aux
+        if not queries_compact:
+            q, o, lse = q.index_select(0, keep), o.index_select(0, keep), lse.index_select(0, keep)
+        if q.shape != (M, H, D) or o.shape != (M, H, D) or lse.shape != (M, H):
+            raise ValueError(f"kept q/o/lse shapes {tuple(q.shape)}, {tuple(o.shape)}, {tuple(lse.shape)} "
+                             f"do not match do_k {tuple(do_k.shape)}")
+        q, o, do_k, lse = q.contiguous(), o.contiguous(), do_k.contiguous(), lse.contiguous()
+        k, v = k.contiguous(), v.contiguous()
+        keep = keep.to(torch.int64).contiguous()
+        cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
+        kcu = torch.searchsorted(keep, cu.to(torch.int64)).to(torch.int32)
+        S = cu.numel() - 1
+        G = H // Hkv
+        has_window, window = self._window(layout)
+        prec, acc = _precision_args(q.dtype)
+        kernels = _kernels(_interpreting())
+        acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
+        delta = torch.empty(M, H, dtype=acc_t, device=q.device)
+        dq = torch.empty(M, H, D, dtype=do_k.dtype, device=q.device)
+        dk = torch.empty(M, Hkv, D, dtype=k.dtype, device=q.device)
+        dv = torch.empty(M, Hkv, D, dtype=v.dtype, device=q.device)
+        most = min(layout.max_seqlen, M)  # kept rows of one segment, an upper bound known without a sync
+
+        BM, BN, warps, stages = self._cfg(D, "dq")
+        nqb = triton_cdiv(most, BM)
+        kernels["dq"][(S * nqb, H)](
+            q, k, v, o, do_k, lse, delta, dq, keep, cu, kcu, scale, scale * _LOG2E, k.stride(0), k.stride(1),
+            H, G, nqb, window, HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_WINDOW=has_window, PREC=prec, ACC=acc,
+            num_warps=warps, num_stages=stages,
+        )
+        BM, BN, warps, stages = self._cfg(D, "dkdv")
+        if BN % BM:
+            raise ValueError(f"dkdv tile: BLOCK_N {BN} must be a multiple of BLOCK_M {BM}")
+        nkb = triton_cdiv(most, BN)
+        kernels["dkdv"][(S * nkb, Hkv)](
+            q, k, v, do_k, lse, delta, dk, dv, keep, kcu, scale, scale * _LOG2E, k.stride(0), k.stride(1),
+            H, Hkv, G, nkb, window, HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_WINDOW=has_window, PREC=prec,
+            ACC=acc, num_warps=warps, num_stages=stages,
+        )
+        return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ints."""
+    return -(-a // b)

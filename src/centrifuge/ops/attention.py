@@ -13,13 +13,15 @@ by the math path), visibility from a ``TokenLayout``. Every backend provides
 Backends: ``MathAttention`` (any device and dtype, the CPU path and the reference for the others) and
 ``FlashVarlenAttention`` (CUDA: PyTorch's FlashAttention-2 varlen kernels; its backward runs on all rows with
 dO = 0 on filtered queries, which gives exactly the kept-token gradients at the cost of a full backward).
-A fused Triton kernel that does only the needed work plugs in as a third backend.
+``TritonKeptAttention`` (``ops.attention_triton``, name "triton") does only the needed work: dQ of kept
+queries and dK / dV of kept keys from kept queries, in fused Triton kernels; "auto" prefers it on CUDA.
 """
 
 from __future__ import annotations
 
 import torch
 
+from centrifuge.ops.attention_triton import SUPPORTED_HEAD_DIMS, TritonKeptAttention
 from centrifuge.tokens.layout import TokenLayout
 
 
@@ -207,12 +209,16 @@ class SdpaAttention:
 _MATH = MathAttention()
 _FLASH = FlashVarlenAttention()
 _SDPA = SdpaAttention()
-BACKENDS = {"math": _MATH, "flash": _FLASH, "sdpa": _SDPA}
+_TRITON = TritonKeptAttention()
+BACKENDS = {"math": _MATH, "flash": _FLASH, "sdpa": _SDPA, "triton": _TRITON}
 
 
 def choose_backend(name: str, q: torch.Tensor, layout: TokenLayout):
-    """``name``: "auto" (flash where it applies, else math), "math" or "flash"."""
+    """``name``: "auto" (triton, else sdpa / flash where they apply, else math) or a key of ``BACKENDS``."""
     if name == "auto":
+        # The fused kept-token kernels (ops.attention_triton) wherever they apply.
+        if TritonKeptAttention.supports(q, layout):
+            return _TRITON
         # The dense model's own SDPA kernels where the batch is plain causal rows; else varlen flash on
         # CUDA; the math path on the CPU.
         if q.is_cuda and SdpaAttention.plain_causal(layout):
@@ -225,4 +231,7 @@ def choose_backend(name: str, q: torch.Tensor, layout: TokenLayout):
         raise ValueError("the flash backend needs CUDA, fp16/bf16, head_dim ≤ 256 and contiguous segments")
     if backend is _SDPA and not SdpaAttention.supports(q, layout):
         raise ValueError("the sdpa backend on CUDA needs plain causal rows (no packing, padding or window)")
+    if backend is _TRITON and not TritonKeptAttention.supports(q, layout, allow_interpreter=True):
+        raise ValueError("the triton backend needs triton, CUDA (or TRITON_INTERPRET=1), fp16/bf16/fp32, "
+                         f"head_dim in {SUPPORTED_HEAD_DIMS} and contiguous segments")
     return backend

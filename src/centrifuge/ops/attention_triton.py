@@ -345,12 +345,15 @@ class TritonKeptAttention:
 
     # ---------------------------------------------------------------------------------------------------
     @staticmethod
-    def supports(q: torch.Tensor, layout: TokenLayout) -> bool:
-        """CUDA tensor of fp16/bf16/fp32, head dim in ``SUPPORTED_HEAD_DIMS``, contiguous segments, Triton."""
-        return (
-            q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS and layout.contiguous and triton_available()
-        )
+    def supports(q: torch.Tensor, layout: TokenLayout, *, allow_interpreter: bool = False) -> bool:
+        """CUDA tensor of fp16/bf16/fp32, head dim in ``SUPPORTED_HEAD_DIMS``, contiguous segments, Triton.
+
+        ``allow_interpreter``: also accept CPU tensors (fp64 too) when ``TRITON_INTERPRET=1`` (tests)."""
+        if allow_interpreter and not q.is_cuda and _interpreting():
+            device_ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        else:
+            device_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return device_ok and q.shape[-1] in SUPPORTED_HEAD_DIMS and layout.contiguous and triton_available()
 
     @staticmethod
     def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> None:

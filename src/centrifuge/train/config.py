@@ -82,7 +82,7 @@ class TrainSection:
     """Optimisation: AdamW, linear warm-up then cosine decay, gradient accumulation and clipping."""
 
     out_dir: str = "runs/{time}"  # run directory; "{time}" becomes the start time (YYYYmmdd-HHMMSS)
-    steps: int = 240  # optimizer steps
+    steps: int = 200  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3  # peak learning rate
@@ -128,7 +128,7 @@ class TrainSection:
 class EvalSection:
     """Held-out loss and perplexity, at step 0, every `every` steps and at the end."""
 
-    every: int = 40  # 0 = only before the first and after the last step
+    every: int = 50  # 0 = only before the first and after the last step
     batch_size: int | None = None  # None = train.batch_size
     max_batches: int = 0  # 0 = the whole held-out split
 

@@ -40,9 +40,9 @@ from centrifuge.tokens.layout import TokenLayout
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.0 / math.log(2.0)
 
-# Tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim.
-# fwd: BLOCK_M queries × BLOCK_N keys; dq: BLOCK_M kept queries × BLOCK_N keys;
-# dkdv: BLOCK_N kept keys (rows of dK/dV) × BLOCK_M kept queries per step (BLOCK_N % BLOCK_M == 0).
+# Tile configurations per head dim and kernel: (BLOCK_OUT, BLOCK_INNER, num_warps, num_stages), BLOCK_OUT =
+# rows one program owns, BLOCK_INNER = rows of the other side per loop step. fwd: queries × keys; dq: kept
+# queries × keys; dkdv: kept keys (rows of dK / dV) × kept queries (BLOCK_OUT % BLOCK_INNER == 0).
 DEFAULT_CONFIGS: dict[int, dict[str, tuple[int, int, int, int]]] = {
     16: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
     32: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
@@ -332,7 +332,7 @@ class TritonKeptAttention:
 
     Args:
         configs: optional override of ``DEFAULT_CONFIGS`` entries, ``{head_dim: {"fwd"|"dq"|"dkdv":
-            (BLOCK_M, BLOCK_N, num_warps, num_stages)}}`` (tests use 16-wide tiles, benchmarks sweep).
+            (BLOCK_OUT, BLOCK_INNER, num_warps, num_stages)}}`` (tests use 16-wide tiles, benchmarks sweep).
     """
 
     name = "triton"
@@ -449,7 +449,7 @@ class TritonKeptAttention:
             H, G, nqb, window, HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, HAS_WINDOW=has_window, PREC=prec, ACC=acc,
             num_warps=warps, num_stages=stages,
         )
-        BM, BN, warps, stages = self._cfg(D, "dkdv")
+        BN, BM, warps, stages = self._cfg(D, "dkdv")
         if BN % BM:
             raise ValueError(f"dkdv tile: BLOCK_N {BN} must be a multiple of BLOCK_M {BM}")
         nkb = triton_cdiv(most, BN)

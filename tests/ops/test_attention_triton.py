@@ -1,0 +1,347 @@
+"""The Triton kept-token attention backend equals the math reference.
+
+On a machine without CUDA the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set here
+before Triton is imported) on CPU tensors in float64 / float32 with 16-wide tiles; with CUDA the same tests
+run compiled on the GPU in float32 (full-precision dots), and the ``gpu`` tests below check bf16 / fp16 at
+realistic shapes. Outputs are poisoned with NaN before every run, so rows a kernel forgets fail.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+_SET_INTERPRET = not _CUDA and "TRITON_INTERPRET" not in os.environ
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (kernels are decorated on first use)
+
+triton = pytest.importorskip("triton")
+
+import centrifuge  # noqa: E402
+from centrifuge.models.presets import build_model  # noqa: E402
+from centrifuge.ops import attention_triton  # noqa: E402
+from centrifuge.ops.attention import MathAttention, choose_backend  # noqa: E402
+from centrifuge.ops.attention_triton import TritonKeptAttention  # noqa: E402
+from centrifuge.tokens.layout import TokenLayout  # noqa: E402
+
+DEVICE = "cuda" if _CUDA else "cpu"
+SMALL = {d: {k: (16, 16, 4, 1) for k in ("fwd", "dq", "dkdv")} for d in (16, 32, 64, 128)}
+MIXED = {d: {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1)} for d in (16, 32, 64, 128)}
+DTYPES = [torch.float32] if _CUDA else [torch.float64, torch.float32]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+MATH = MathAttention()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_interpret_env():
+    yield
+    if _SET_INTERPRET:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+class _PoisonTorch:
+    """Stands in for ``torch`` inside ``attention_triton``: every fresh float buffer starts as NaN."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty(self, *args, **kwargs):
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def _poisoned(monkeypatch):
+    monkeypatch.setattr(attention_triton, "torch", _PoisonTorch())
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert torch.isfinite(got).all(), "non-finite values (unwritten rows?)"
+    # floor: some gradients vanish exactly (window 1: dS = 0), where a pure ratio measures rounding noise
+    denom = max(ref.double().norm().item(), 1e-3 * ref.numel() ** 0.5)
+    return (got.double() - ref.double()).norm().item() / denom
+
+
+def make_layout(kind: str, B: int, T: int, gen: torch.Generator, window: int | None = None) -> TokenLayout:
+    """plain causal rows, packed documents (position_ids restarts), or left/right padding."""
+    if kind == "plain":
+        return TokenLayout.build(batch=B, seqlen=T, device=DEVICE, sliding_window=window)
+    if kind == "packed":
+        pos = torch.zeros(B, T, dtype=torch.long)
+        for b in range(B):
+            cuts = sorted(torch.randperm(T - 1, generator=gen)[:3].add(1).tolist())
+            start = 0
+            for c in [*cuts, T]:
+                pos[b, start:c] = torch.arange(c - start)
+                start = c
+        return TokenLayout.build(batch=B, seqlen=T, device=DEVICE, position_ids=pos.to(DEVICE),
+                                 sliding_window=window)
+    if kind == "padded":
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[0, :5] = 0  # left padding
+        if B > 1:
+            mask[1, T - 3:] = 0  # right padding
+        return TokenLayout.build(batch=B, seqlen=T, device=DEVICE, attention_mask=mask.to(DEVICE),
+                                 sliding_window=window)
+    raise ValueError(kind)
+
+
+def make_keep(kind: str, layout: TokenLayout, gen: torch.Generator) -> torch.Tensor:
+    N = layout.num_rows
+    valid = layout.valid.cpu()
+    if kind == "empty":
+        mask = torch.zeros(N, dtype=torch.bool)
+    elif kind == "full":
+        mask = valid.clone()
+    elif kind == "contiguous":
+        mask = torch.zeros(N, dtype=torch.bool)
+        mask[N // 5: N // 5 + 19] = True
+        mask &= valid
+    elif kind == "scattered":
+        mask = (torch.rand(N, generator=gen) < 0.4) & valid
+    else:
+        raise ValueError(kind)
+    return torch.nonzero(mask).flatten().to(DEVICE)
+
+
+def inputs(N: int, H: int, Hkv: int, D: int, dtype: torch.dtype, gen: torch.Generator):
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    return r(N, H, D), r(N, Hkv, D), r(N, Hkv, D)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Forward
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout_kind,window,H,Hkv,D", [
+    ("plain", None, 4, 2, 16),
+    ("packed", None, 2, 1, 32),
+    ("padded", None, 2, 2, 16),
+    ("plain", 7, 4, 1, 16),
+])
+def test_forward_matches_math(dtype, layout_kind, window, H, Hkv, D):
+    gen = torch.Generator().manual_seed(11)
+    B, T = 2, 37
+    layout = make_layout(layout_kind, B, T, gen, window)
+    q, k, v = inputs(B * T, H, Hkv, D, dtype, gen)
+    scale = D ** -0.5
+    for configs in (SMALL, MIXED):
+        o, lse = TritonKeptAttention(configs).forward(q, k, v, layout, scale)
+        o_ref, lse_ref = MATH.forward(q, k, v, layout, scale)
+        assert lse.shape == (B * T, H)
+        assert rel(o, o_ref) < TOL[dtype]
+        assert rel(lse, lse_ref) < TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Backward on kept rows
+# ------------------------------------------------------------------------------------------------------
+
+
+def check_backward(layout, keep, H, Hkv, D, dtype, gen, configs, compact: bool):
+    N = layout.num_rows
+    q, k, v = inputs(N, H, Hkv, D, dtype, gen)
+    scale = D ** -0.5
+    o, lse = MATH.forward(q, k, v, layout, scale)
+    M = keep.numel()
+    do = torch.randn(M, H, D, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    if compact:
+        qq, oo, ll = q[keep], o[keep], lse[keep]
+    else:
+        qq, oo, ll = q, o, lse
+    got = TritonKeptAttention(configs).backward_kept(
+        do, q=qq, k=k, v=v, o=oo, aux=ll, keep=keep, layout=layout, scale=scale, queries_compact=compact)
+    ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o, aux=lse, keep=keep, layout=layout, scale=scale,
+                             queries_compact=False)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+        assert g.shape == r.shape, (name, g.shape, r.shape)
+        assert g.dtype == dtype
+        if M:
+            err = rel(g, r)
+            assert err < TOL[dtype], (name, err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keep_kind", ["empty", "full", "contiguous", "scattered"])
+def test_backward_keep_sets(dtype, keep_kind):
+    gen = torch.Generator().manual_seed(5)
+    layout = make_layout("plain", 2, 37, gen)  # 37: not a multiple of any tile
+    keep = make_keep(keep_kind, layout, gen)
+    for configs in (SMALL, MIXED):
+        check_backward(layout, keep, 4, 2, 16, dtype, gen, configs, compact=True)
+
+
+@pytest.mark.parametrize("H,Hkv,D", [(4, 1, 16), (3, 3, 32), (4, 2, 64)])
+@pytest.mark.parametrize("layout_kind", ["packed", "padded"])
+def test_backward_gqa_packed_padded(H, Hkv, D, layout_kind):
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(7)
+    layout = make_layout(layout_kind, 2, 29, gen)
+    keep = make_keep("scattered", layout, gen)
+    check_backward(layout, keep, H, Hkv, D, dtype, gen, MIXED, compact=False)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_backward_sliding_window(window):
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(9)
+    layout = make_layout("packed", 2, 41, gen, window)
+    keep = make_keep("scattered", layout, gen)
+    check_backward(layout, keep, 2, 1, 16, dtype, gen, SMALL, compact=True)
+    check_backward(layout, keep, 2, 1, 16, dtype, gen, MIXED, compact=False)
+
+
+def test_backward_long_rows_multiple_tiles():
+    """A row long enough for many kept blocks on both sides, several segments and heads."""
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(3)
+    layout = make_layout("packed", 1, 150, gen)
+    keep = make_keep("scattered", layout, gen)
+    check_backward(layout, keep, 2, 1, 16, dtype, gen, MIXED, compact=True)
+
+
+def test_backend_registration_and_choice():
+    gen = torch.Generator().manual_seed(0)
+    layout = make_layout("plain", 1, 8, gen)
+    q = torch.randn(8, 2, 16, device=DEVICE)
+    assert choose_backend("triton", q, layout).name == "triton"
+    with pytest.raises(ValueError):
+        choose_backend("triton", torch.randn(8, 2, 12, device=DEVICE), layout)  # head dim 12
+    if _CUDA:
+        assert choose_backend("auto", q.bfloat16(), layout).name == "triton"
+    else:
+        assert choose_backend("auto", q, layout).name == "math"  # CPU stays math
+
+
+def test_model_fast_triton_equals_reference():
+    """Whole model: centrifuge.apply(attention="triton") gives the oracle's gradients."""
+    dtype = DTYPES[0]
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=61, max_position_embeddings=64, head_dim=16)
+    model = build_model(config, dtype=dtype, seed=0).to(DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 61, (2, 19), generator=gen).to(DEVICE)
+    keep = (torch.rand(2, 19, generator=gen) < 0.5).to(DEVICE)
+
+    def grads(mode, attention="auto"):
+        centrifuge.apply(model, mode=mode, attention=attention)
+        try:
+            model.zero_grad(set_to_none=True)
+            out = model(input_ids=ids, labels=ids, keep_mask=keep)
+            out.loss.backward()
+            return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        finally:
+            centrifuge.revert(model)
+
+    loss_ref, ref = grads("reference")
+    loss, got = grads("fast", "triton")
+    assert torch.allclose(loss, loss_ref, rtol=TOL[dtype], atol=0)
+    assert got.keys() == ref.keys()
+    worst = max(rel(got[n], ref[n]) for n in ref)
+    assert worst < 10 * TOL[dtype], worst
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU: bf16 / fp16 at realistic shapes against the math backend (fp32 compute on the same inputs)
+# ------------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not _CUDA, reason="needs a CUDA device")
+BF16_TOL = 2e-2
+
+
+def _gpu_case(B, T, H, Hkv, D, dtype, layout_kind="plain", window=None, kappa=0.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layout = make_layout(layout_kind, B, T, gen, window)
+    N = B * T
+    q, k, v = inputs(N, H, Hkv, D, dtype, gen)
+    keep_mask = (torch.rand(N, generator=gen) < kappa) & layout.valid.cpu()
+    keep = torch.nonzero(keep_mask).flatten().to(DEVICE)
+    return layout, q, k, v, keep
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,Hkv,D", [(32, 4, 64), (16, 16, 128)])
+@pytest.mark.parametrize("layout_kind,window", [("plain", None), ("packed", None), ("padded", None),
+                                                 ("plain", 300)])
+def test_gpu_default_configs_vs_math(dtype, H, Hkv, D, layout_kind, window):
+    B, T = 2, 1100
+    layout, q, k, v, keep = _gpu_case(B, T, H, Hkv, D, dtype, layout_kind, window)
+    scale = D ** -0.5
+    tri = TritonKeptAttention()
+    o, lse = tri.forward(q, k, v, layout, scale)
+    o_ref, lse_ref = MATH.forward(q, k, v, layout, scale)
+    assert rel(o, o_ref) < BF16_TOL
+    assert rel(lse, lse_ref) < 1e-3
+    do = torch.randn(keep.numel(), H, D, device=DEVICE, dtype=dtype)
+    got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o_ref[keep], aux=lse_ref[keep], keep=keep, layout=layout,
+                            scale=scale, queries_compact=True)
+    ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o_ref, aux=lse_ref, keep=keep, layout=layout, scale=scale,
+                             queries_compact=False)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+        err = rel(g, r)
+        assert err < BF16_TOL, (name, err)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_matches_flash_backend_bf16():
+    """Same kept-row gradients as the stock varlen flash path (which runs the full backward)."""
+    from centrifuge.ops.attention import FlashVarlenAttention
+    layout, q, k, v, keep = _gpu_case(4, 2048, 32, 4, 64, torch.bfloat16, "packed")
+    scale = 0.125
+    flash = FlashVarlenAttention()
+    o, aux = flash.forward(q, k, v, layout, scale)
+    do = torch.randn(keep.numel(), 32, 64, device=DEVICE, dtype=torch.bfloat16)
+    ref = flash.backward_kept(do, q=q, k=k, v=v, o=o, aux=aux, keep=keep, layout=layout, scale=scale,
+                              queries_compact=False)
+    tri = TritonKeptAttention()
+    o_t, lse = tri.forward(q, k, v, layout, scale)
+    assert rel(o_t, o) < BF16_TOL
+    got = tri.backward_kept(do, q=q, k=k, v=v, o=o_t, aux=lse, keep=keep, layout=layout, scale=scale,
+                            queries_compact=False)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+        err = rel(g, r)
+        assert err < BF16_TOL, (name, err)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_model_auto_picks_triton_and_matches_reference():
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(
+        "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, head_dim=64)
+    model = build_model(config, dtype=torch.float32, seed=0).to(DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 512, (2, 300), generator=gen).to(DEVICE)
+    keep = (torch.rand(2, 300, generator=gen) < 0.5).to(DEVICE)
+    grads = {}
+    for mode, attention in (("reference", "auto"), ("fast", "triton"), ("fast", "auto")):
+        centrifuge.apply(model, mode=mode, attention=attention)
+        try:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids, keep_mask=keep).loss.backward()
+            grads[mode, attention] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        finally:
+            centrifuge.revert(model)
+    ref = grads["reference", "auto"]
+    for key in (("fast", "triton"), ("fast", "auto")):
+        worst = max(rel(grads[key][n], ref[n]) for n in ref)
+        assert worst < 1e-4, (key, worst)

@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 setup:
 	@bash scripts/setup_env.sh
 
+# Passive OpenMP waiting: on a CPU shared with other jobs, spinning threads make torch ~10x slower.
 demo: setup
-	$(BIN)/centrifuge train $(ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/centrifuge train $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

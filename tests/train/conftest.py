@@ -6,10 +6,8 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see centrifuge/cli/train_cmd.py (only before torch loads)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # A 2-layer, 64-wide Llama with a 512-token vocabulary, 64-token sequences: a step takes ~10 ms.
 FAST = [

@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-# On a CPU shared with other processes, OpenMP worker threads that busy-wait at every barrier make torch
-# ~10x slower (measured: 4 s instead of 0.4 s per step of the demo on 2 busy cores). Passive waiting costs
-# little when the CPU is idle. libgomp reads this once, when torch is first imported, so set it here, at
-# CLI start-up, unless the user chose otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EPILOG = """\
 examples:

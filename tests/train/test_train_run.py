@@ -10,7 +10,7 @@ import pytest
 from centrifuge.cli.main import main
 from centrifuge.train import checkpoint as ckpt
 from centrifuge.train.config import load_config
-from centrifuge.train.errors import ConfigError, DataError, TrainingStoppedError
+from centrifuge.train.errors import CheckpointError, ConfigError, DataError, TrainingStoppedError
 from centrifuge.train.loop import RunContext, load_run_config, run_training
 from centrifuge.train.step import dense_loss
 
@@ -124,3 +124,22 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert "non-finite loss (inf) at step 3" in message and "step-0000002" in message
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "run"))] == [2]
     assert ckpt.read_state(ckpt.latest_checkpoint(str(tmp_path / "run")))["step"] == 2
+
+
+def test_a_checkpoint_is_a_model_directory_to_fine_tune_from(tmp_path, fast_overrides):
+    first = run_training(load_config(None, fast_overrides("train.steps=2")))
+    sets = fast_overrides("train.steps=2", f"model.path={first.checkpoint}", "model.overrides={}",
+                          out_dir=str(tmp_path / "tuned"))  # fmt: skip
+    result = run_training(load_config(None, sets))
+    assert result.step == 2
+    # data.tokenizer=auto took the model directory's tokenizer instead of training one
+    saved = (tmp_path / "tuned" / "tokenizer" / "tokenizer.json").read_text()
+    assert saved == (tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
+    # and training started from the checkpoint's weights, not from a random init
+    assert result.first_eval.loss == pytest.approx(first.last_eval.loss, rel=1e-5)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, fast_overrides):
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        run_training(load_config(None, fast_overrides()), resume=True)
+    assert not (tmp_path / "run").exists()

@@ -4,18 +4,19 @@
 - ``config``: ``Config`` (one dataclass per section), ``load_config``
 - ``data``, ``tokenizer``: documents -> packed [B, T] batches
 - ``checkpoint``: atomic, pickle-free checkpoints that resume exactly
-- ``loop``: ``run_training`` (what the CLI runs), ``RunContext`` plug-ins
+- ``loop``: ``run_training`` = ``prepare_run`` (validate + build) then ``execute_run``; plug-ins
 """
 
 from centrifuge.train.config import Config, load_config
 from centrifuge.train.errors import TrainError
-from centrifuge.train.loop import RunContext, RunResult, run_training
+from centrifuge.train.loop import PreparedRun, RunContext, RunResult, prepare_run, run_training
 from centrifuge.train.step import LossFn, MicroLoss, StepHooks, StepStats, dense_loss, evaluate, train_step
 
 __all__ = [
     "Config",
     "LossFn",
     "MicroLoss",
+    "PreparedRun",
     "RunContext",
     "RunResult",
     "StepHooks",
@@ -24,6 +25,7 @@ __all__ = [
     "dense_loss",
     "evaluate",
     "load_config",
+    "prepare_run",
     "run_training",
     "train_step",
 ]

@@ -1,7 +1,8 @@
 """A whole `centrifuge train` run: set-up, the step loop, evaluation, checkpoints, interruption.
 
-Set-up checks everything a user can get wrong (config, model, data, checkpoint) *before* the first write,
-so bad input ends with one ``TrainError`` and leaves the run directory as it was. Then:
+``prepare_run`` checks everything a user can get wrong (config, model, data, checkpoint) and builds model,
+optimizer and data *before* the first write, so bad input ends with one ``TrainError`` and leaves the run
+directory as it was. ``execute_run`` then writes the run:
 
     eval (step 0) -> [train_step -> metrics -> eval every K -> checkpoint every C] x steps -> eval, checkpoint
 
@@ -342,18 +343,33 @@ class StopRequest:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plugin] | None = None) -> RunResult:
-    """Train as ``config`` says (see the module docstring). Raises ``TrainError`` subclasses on bad input."""
-    started = time.perf_counter()
+@dataclass
+class PreparedRun:
+    """A run after set-up: everything validated and built, nothing written yet."""
+
+    config: Config
+    run_dir: str
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    context: RunContext  # model, optimizer, scheduler, loss_fn, hooks
+    data: Datasets
+    sampler: SequenceSampler
+    tokenizer: TextTokenizer
+    tokenizer_note: str
+    start_step: int = 0
+    state: dict[str, Any] | None = None  # the checkpoint's state.json when resuming
+    resume_from: str | None = None
+    notes: list[str] = field(default_factory=list)  # settings changed since the checkpoint
+
+
+def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugin] | None = None) -> PreparedRun:
+    """Check everything a user can get wrong and build model, optimizer, data. Writes nothing (except the
+    shared tokenizer cache). Raises ``TrainError`` subclasses."""
     config.validate()
     run_dir = find_run_dir(config.train.out_dir, resume=resume)
     device = resolve_device(config.train.device)
-    autocast_dtype = autocast_dtype_for(config.train.precision, device)
-
-    # ---- everything that can reject the input, before anything is written
-    state: dict[str, Any] | None = None
     resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
-    notes: list[str] = []
+    state, notes = None, []
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
         notes = _check_resumable(config, state.get("config") or {}, resume_from)
@@ -372,41 +388,51 @@ def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plug
     tokenizer, tokenizer_note = obtain_tokenizer(config, train_docs, vocab_size, run_dir=run_dir, resume=resume)
     data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source)
     sampler = SequenceSampler(len(data.train), seed=config.train.seed)
-    start_step = 0
     if state is not None:
         sampler.load_state_dict(state["sampler"])
-        start_step = int(state["step"])
 
     context = RunContext(config, model, optimizer, scheduler, device)
     for plugin in default_plugins() if plugins is None else plugins:
         plugin(context)
+    return PreparedRun(
+        config, run_dir, device, autocast_dtype_for(config.train.precision, device), context, data, sampler,
+        tokenizer, tokenizer_note, start_step=int(state["step"]) if state else 0, state=state,
+        resume_from=resume_from, notes=notes,
+    )  # fmt: skip
 
-    # ---- from here on the run directory is written
-    os.makedirs(run_dir, exist_ok=True)
-    tokenizer_dir = os.path.join(run_dir, TOKENIZER_DIR)
-    if not resume:
-        tokenizer.save(tokenizer_dir)
-    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(dump_yaml(_resolved(config, run_dir)))
-    metrics = MetricsLogger(run_dir, tensorboard=config.log.tensorboard, resume_step=start_step if resume else None)
-    progress = Progress(config.train.steps, start_step, enabled=config.log.progress)
+
+def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plugin] | None = None) -> RunResult:
+    """Train as ``config`` says (see the module docstring). Raises ``TrainError`` subclasses on bad input."""
+    started = time.perf_counter()
+    run = prepare_run(config, resume=resume, plugins=plugins)
+    return execute_run(run, started=started)
+
+
+def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
+    """The writing part of a run: run directory, evaluations, the step loop, checkpoints, the summary."""
+    started = time.perf_counter() if started is None else started
+    config, ctx, state, t = run.config, run.context, run.state, run.config.train
+    os.makedirs(run.run_dir, exist_ok=True)
+    tokenizer_dir = os.path.join(run.run_dir, TOKENIZER_DIR)
+    if run.resume_from is None:
+        run.tokenizer.save(tokenizer_dir)
+    with open(os.path.join(run.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(dump_yaml(_resolved(config, run.run_dir)))
+    resume_step = run.start_step if run.resume_from else None
+    metrics = MetricsLogger(run.run_dir, tensorboard=config.log.tensorboard, resume_step=resume_step)
+    progress = Progress(t.steps, run.start_step, enabled=config.log.progress)
     say = progress.write
-    _print_header(say, config, run_dir, model, device, autocast_dtype, data, tokenizer_note, resume_from, notes)
-    if (note := busy_cpu_note(device)) is not None:
-        say(note)
+    _print_header(say, run)
 
-    evals = (
-        eval_batches(data.eval, config.eval.batch_size or config.train.batch_size, config.eval.max_batches)
-        if (data.eval is not None)
-        else []
-    )
+    eval_size = config.eval.batch_size or t.batch_size
+    evals = eval_batches(run.data.eval, eval_size, config.eval.max_batches) if run.data.eval is not None else []
     first_eval = _eval_point(state.get("first_eval")) if state else None
     last_eval = _eval_point(state.get("last_eval")) if state else None
 
     def run_eval(step: int) -> EvalPoint | None:
         if not evals:
             return None
-        loss, tokens = evaluate(model, evals, autocast_dtype=autocast_dtype)
+        loss, tokens = evaluate(ctx.model, evals, autocast_dtype=run.autocast_dtype)
         point = EvalPoint(step, loss, tokens)
         metrics.log(step, "eval", {"loss": loss, "perplexity": point.perplexity})
         say(point.describe())
@@ -414,21 +440,20 @@ def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plug
 
     def save(step: int) -> str:
         extra = {
-            "sampler": sampler.state_dict(),
-            "config": _resolved(config, run_dir).to_dict(),
+            "sampler": run.sampler.state_dict(),
+            "config": _resolved(config, run.run_dir).to_dict(),
             "first_eval": _eval_dict(first_eval),
             "last_eval": _eval_dict(last_eval),
             "seconds": time.perf_counter() - started + (state or {}).get("seconds", 0.0),
         }
         return ckpt.save_checkpoint(
-            run_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler, extra=extra,
-            tokenizer_dir=tokenizer_dir, keep=config.checkpoint.keep,
+            run.run_dir, step=step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
+            extra=extra, tokenizer_dir=tokenizer_dir, keep=config.checkpoint.keep,
         )  # fmt: skip
 
-    step = start_step
-    saved_path = resume_from
-    if start_step >= config.train.steps:
-        say(f"nothing to do: the run is at step {start_step} and train.steps is {config.train.steps}")
+    step, saved_path = run.start_step, run.resume_from
+    if step >= t.steps:
+        say(f"nothing to do: the run is at step {step} and train.steps is {t.steps}")
     stop = StopRequest()
     try:
         if state is None:
@@ -436,15 +461,14 @@ def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plug
         else:
             ckpt.restore_rng(state)  # last: after model init and everything else that draws random numbers
         with stop:
-            t = config.train
             window_tokens, window_time, step_time = 0, 0.0, None
             while step < t.steps and stop.signum is None:
                 tic = time.perf_counter()
-                micro = [data.train.batch(sampler.take(t.batch_size)) for _ in range(t.grad_accum)]
+                micro = [run.data.train.batch(run.sampler.take(t.batch_size)) for _ in range(t.grad_accum)]
                 try:
                     stats = train_step(
-                        model, micro, optimizer, scheduler, step=step + 1, loss_fn=context.loss_fn,
-                        max_grad_norm=t.max_grad_norm, autocast_dtype=autocast_dtype, hooks=context.hooks,
+                        ctx.model, micro, ctx.optimizer, ctx.scheduler, step=step + 1, loss_fn=ctx.loss_fn,
+                        max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype, hooks=ctx.hooks,
                     )  # fmt: skip
                 except NonFiniteLossError as err:
                     where = f"the last good checkpoint is {saved_path}" if saved_path else "no checkpoint was saved"
@@ -452,8 +476,7 @@ def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plug
                 step += 1
                 elapsed = time.perf_counter() - tic
                 step_time = elapsed if step_time is None else 0.8 * step_time + 0.2 * elapsed
-                window_tokens += stats.num_tokens
-                window_time += elapsed
+                window_tokens, window_time = window_tokens + stats.num_tokens, window_time + elapsed
                 progress.update(stats, stats.num_tokens / step_time)
                 if step % config.log.every == 0 or step == t.steps:
                     metrics.log(step, "train", step_record(stats, window_tokens / window_time))
@@ -464,17 +487,16 @@ def run_training(config: Config, *, resume: bool = False, plugins: Sequence[Plug
                     saved_path = save(step)
             if stop.signum is not None:
                 saved_path = save(step)
-                say(
-                    f"stopped by {signal.Signals(stop.signum).name} after step {step}: checkpoint saved to "
-                    f"{saved_path}; continue with --resume"
-                )
+                name = signal.Signals(stop.signum).name
+                say(f"stopped by {name} after step {step}: checkpoint saved to {saved_path}; continue with --resume")
     finally:
         progress.close()
         metrics.close()
 
-    result = RunResult(run_dir, step, first_eval, last_eval, saved_path, stop.signum, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    result = RunResult(run.run_dir, step, first_eval, last_eval, saved_path, stop.signum, seconds)
     if stop.signum is None:
-        _print_summary(say, result, config)
+        _print_summary(say, result)
     return result
 
 
@@ -496,28 +518,26 @@ def _eval_point(data: dict[str, Any] | None) -> EvalPoint | None:
     return None if not data else EvalPoint(int(data["step"]), float(data["loss"]), int(data["tokens"]))
 
 
-def _print_header(
-    say: Callable[[str], None], config: Config, run_dir: str, model: nn.Module, device: torch.device,
-    autocast_dtype: torch.dtype | None, data: Datasets, tokenizer_note: str, resume_from: str | None,
-    notes: list[str],
-) -> None:  # fmt: skip
-    t = config.train
+def _print_header(say: Callable[[str], None], run: PreparedRun) -> None:
+    config, model, t = run.config, run.context.model, run.config.train
     params = sum(p.numel() for p in model.parameters())
     what = f"model.path={config.model.path}" if config.model.path else f"preset {config.model.preset}"
-    precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
-    say(f"run directory: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
-    for note in notes:
+    precision = "bf16 autocast" if run.autocast_dtype is not None else "fp32"
+    say(f"run directory: {run.run_dir}" + (f" (resuming from {run.resume_from})" if run.resume_from else ""))
+    for note in run.notes:
         say(f"  changed since the checkpoint: {note}")
-    say(f"model: {what} ({model.config.model_type}, {params / 1e6:.2f}M parameters) on {device}, {precision}")
-    say(f"tokenizer: {tokenizer_note}")
-    say("data: " + data.describe().replace("\n", "\n      "))
+    say(f"model: {what} ({model.config.model_type}, {params / 1e6:.2f}M parameters) on {run.device}, {precision}")
+    say(f"tokenizer: {run.tokenizer_note}")
+    say("data: " + run.data.describe().replace("\n", "\n      "))
     say(
         f"train: {t.steps} steps x {t.grad_accum} x {t.batch_size} sequences x {config.data.seq_len} tokens, "
         f"AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine to {t.lr * t.min_lr_ratio:g})"
     )
+    if (note := busy_cpu_note(run.device)) is not None:
+        say(note)
 
 
-def _print_summary(say: Callable[[str], None], result: RunResult, config: Config) -> None:
+def _print_summary(say: Callable[[str], None], result: RunResult) -> None:
     minutes, seconds = divmod(result.seconds, 60)
     say(f"done: {result.step} steps in {int(minutes)}m{seconds:04.1f}s; last checkpoint {result.checkpoint}")
     if result.first_eval is not None and result.last_eval is not None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -79,16 +80,17 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(10, STEPS + 1, 10))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, fast_overrides, env, cli):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, fast_overrides, env, cli, sig):
     run_dir = str(tmp_path / "run")
     proc = start(fast_overrides("train.steps=100000", "checkpoint.every=2", "eval.every=0"), env)
     wait_for_checkpoint(run_dir, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err
     last_step = ckpt.list_checkpoints(run_dir)[-1][0]
-    assert f"stopped by SIGTERM after step {last_step}" in out
+    assert f"stopped by {sig.name} after step {last_step}" in out
     state = ckpt.read_state(ckpt.latest_checkpoint(run_dir))
     assert state["step"] == last_step
     assert not [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(".")]

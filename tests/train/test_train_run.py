@@ -9,7 +9,7 @@ import pytest
 
 from centrifuge.cli.main import main
 from centrifuge.train import checkpoint as ckpt
-from centrifuge.train.config import load_config
+from centrifuge.train.config import load_config, time_run_dirs
 from centrifuge.train.errors import CheckpointError, ConfigError, DataError, TrainingStoppedError
 from centrifuge.train.loop import RunContext, load_run_config, run_training
 from centrifuge.train.step import dense_loss
@@ -143,3 +143,15 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, fast_overrides):
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         run_training(load_config(None, fast_overrides()), resume=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_time_template_gives_each_run_its_own_directory_and_resume_takes_the_newest(tmp_path, fast_overrides):
+    template = str(tmp_path / "runs" / "{time}")
+    sets = fast_overrides("train.steps=1", out_dir=template)
+    first = run_training(load_config(None, sets))
+    second = run_training(load_config(None, sets))  # same second: a "-2" suffix, not an error
+    assert first.run_dir != second.run_dir
+    assert time_run_dirs(template) == [first.run_dir, second.run_dir]
+    resumed = run_training(load_run_config(None, fast_overrides("train.steps=2", out_dir=template), resume=True),
+                           resume=True)  # fmt: skip
+    assert resumed.run_dir == second.run_dir and resumed.step == 2

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import importlib.resources
 import math
 import os
+import re
 import time
 import types
 import typing
@@ -404,11 +406,27 @@ def _require_choice(value: str, key: str, choices: Sequence[str]) -> None:
 
 
 def resolve_out_dir(template: str, *, now: float | None = None) -> str:
-    """``runs/{time}`` -> ``runs/20260101-120000`` (local time)."""
+    """``runs/{time}`` -> ``runs/20260101-120000`` (local time), or ``runs/20260101-120000-2`` etc. when a
+    run of the same second exists already."""
     if "{time}" not in template:
         return template
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
-    return template.replace("{time}", stamp)
+    path, n = template.replace("{time}", stamp), 1
+    while os.path.exists(path):
+        n += 1
+        path = template.replace("{time}", f"{stamp}-{n}")
+    return path
+
+
+def time_run_dirs(template: str) -> list[str]:
+    """Existing directories made from a ``{time}`` template, oldest first."""
+    pattern = re.compile(re.escape(template).replace(re.escape("{time}"), r"(\d{8}-\d{6})(?:-(\d+))?"))
+    found = []
+    for path in glob.glob(template.replace("{time}", "*")):
+        match = pattern.fullmatch(path)
+        if match and os.path.isdir(path):
+            found.append(((match.group(1), int(match.group(2) or 1)), path))
+    return [path for _, path in sorted(found)]
 
 
 def dump_yaml(config: Config) -> str:

@@ -15,11 +15,9 @@ may replace its ``loss_fn`` or add ``hooks``; ``default_plugins`` lists the ones
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import random
-import re
 import signal
 import threading
 import time
@@ -39,6 +37,7 @@ from centrifuge.train.config import (
     dump_yaml,
     load_config,
     resolve_out_dir,
+    time_run_dirs,
 )
 from centrifuge.train.data import (
     Datasets,
@@ -138,12 +137,7 @@ def find_run_dir(template: str, *, resume: bool) -> str:
             )
         return run_dir
     if "{time}" in template:
-        pattern = re.escape(template).replace(re.escape("{time}"), r"\d{8}-\d{6}")
-        runs = sorted(
-            d
-            for d in glob.glob(template.replace("{time}", "*"))
-            if re.fullmatch(pattern, d) and ckpt.list_checkpoints(d)
-        )
+        runs = [d for d in time_run_dirs(template) if ckpt.list_checkpoints(d)]
         if not runs:
             raise CheckpointError(f"--resume: no run matching {template} has a checkpoint")
         return runs[-1]

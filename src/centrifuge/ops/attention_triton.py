@@ -71,22 +71,24 @@ def _interpreting() -> bool:
 tl: Any = None  # triton.language, bound in the kernels' own namespace by ``_kernels``
 
 
-def _fwd_inner(acc, m_i, l_i, q, K, V, k_col, qpos, n_lo, n_hi, load_hi, sm_scale_log2, WINDOW,
-               stride_kn, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_D)
+def _fwd_inner(acc, m_i, l_i, q, K, V, qpos, n_lo, n_hi, load_hi, sm_scale_log2, WINDOW, stride_kn,
+               HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               PREC: tl.constexpr):
+    # K, V: pointers to (row 0, this KV head); rows n_lo .. n_hi (int32 row ids) in BLOCK_N steps.
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_kd = offs_n[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :]
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        krow = n0 + tl.arange(0, BLOCK_N)
-        kptr = krow.to(tl.int64)[:, None] * stride_kn + k_col + offs_d[None, :]
+        kb = tl.cast(n0, tl.int64) * stride_kn
         if MASK:
-            kin = krow < load_hi
-            k = tl.load(K + kptr, mask=kin[:, None], other=0.0)
-            v = tl.load(V + kptr, mask=kin[:, None], other=0.0)
+            kin = (n0 + offs_n) < load_hi
+            k = tl.load(K + kb + offs_kd, mask=kin[:, None], other=0.0)
+            v = tl.load(V + kb + offs_kd, mask=kin[:, None], other=0.0)
         else:
-            k = tl.load(K + kptr)
-            v = tl.load(V + kptr)
+            k = tl.load(K + kb + offs_kd)
+            v = tl.load(V + kb + offs_kd)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC).to(acc.dtype) * sm_scale_log2
         if MASK:
+            krow = n0 + offs_n
             vis = (krow[None, :] <= qpos[:, None]) & (krow[None, :] < load_hi)
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - krow[None, :] < WINDOW)
@@ -114,52 +116,52 @@ def _fwd(Q, K, V, OUT, LSE, CU, sm_scale_log2, stride_qn, stride_qh, stride_kn, 
     if q_start >= seg_end:
         return
     q_end = tl.minimum(q_start + BLOCK_M, seg_end)
-    hk = h // G
-    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
-    qvalid = offs_m < q_end
-    rows = offs_m.to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=qvalid[:, None],
-                other=0.0)
-    qpos = tl.minimum(offs_m, q_end - 1)  # rows past the segment act as its last row (never stored)
+    qvalid = (q_start + offs_m) < q_end
+    q_base = q_start.to(tl.int64) * stride_qn + h * stride_qh
+    q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qvalid[:, None], other=0.0)
+    qpos = tl.minimum(q_start + offs_m, q_end - 1)  # rows past the segment act as its last row (never stored)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, HEAD_D], ACC)
-    k_col = hk * stride_kh
+    k_head = (h // G) * stride_kh
     if HAS_WINDOW:
         lo = tl.maximum(seg_start, q_start - WINDOW + 1)
         full_end = lo
     else:
         lo = seg_start
         full_end = seg_start + ((q_start - seg_start + 1) // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_col, qpos, lo, full_end, q_end, sm_scale_log2,
-                               WINDOW, stride_kn, HEAD_D, BLOCK_N, False, HAS_WINDOW, PREC)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_col, qpos, full_end, q_end, q_end, sm_scale_log2,
-                               WINDOW, stride_kn, HEAD_D, BLOCK_N, True, HAS_WINDOW, PREC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + k_head, V + k_head, qpos, lo, full_end, q_end,
+                               sm_scale_log2, WINDOW, stride_kn, HEAD_D, BLOCK_N, False, HAS_WINDOW, PREC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + k_head, V + k_head, qpos, full_end, q_end, q_end,
+                               sm_scale_log2, WINDOW, stride_kn, HEAD_D, BLOCK_N, True, HAS_WINDOW, PREC)
     o = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
-    tl.store(OUT + rows[:, None] * stride_on + h * stride_oh + offs_d[None, :], o.to(OUT.dtype.element_ty),
+    o_base = q_start.to(tl.int64) * stride_on + h * stride_oh
+    tl.store(OUT + o_base + offs_m[:, None] * stride_on + offs_d[None, :], o.to(OUT.dtype.element_ty),
              mask=qvalid[:, None])
-    tl.store(LSE + rows * H + h, lse.to(LSE.dtype.element_ty), mask=qvalid)
+    tl.store(LSE + q_start.to(tl.int64) * H + h + offs_m * H, lse.to(LSE.dtype.element_ty), mask=qvalid)
 
 
-def _dq_inner(dq, q, do, lse2, delta, K, V, k_col, qrow, n_lo, n_hi, load_hi, sm_scale_log2, WINDOW,
-              stride_kn, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_D)
+def _dq_inner(dq, q, do, lse2, delta, K, V, qrow, n_lo, n_hi, load_hi, sm_scale_log2, WINDOW, stride_kn,
+              HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_kd = offs_n[:, None] * stride_kn + tl.arange(0, HEAD_D)[None, :]
     for n0 in range(n_lo, n_hi, BLOCK_N):
-        krow = n0 + tl.arange(0, BLOCK_N)
-        kptr = krow.to(tl.int64)[:, None] * stride_kn + k_col + offs_d[None, :]
+        kb = tl.cast(n0, tl.int64) * stride_kn
         if MASK:
-            kin = krow < load_hi
-            k = tl.load(K + kptr, mask=kin[:, None], other=0.0)
-            v = tl.load(V + kptr, mask=kin[:, None], other=0.0)
+            kin = (n0 + offs_n) < load_hi
+            k = tl.load(K + kb + offs_kd, mask=kin[:, None], other=0.0)
+            v = tl.load(V + kb + offs_kd, mask=kin[:, None], other=0.0)
         else:
-            k = tl.load(K + kptr)
-            v = tl.load(V + kptr)
+            k = tl.load(K + kb + offs_kd)
+            v = tl.load(V + kb + offs_kd)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC).to(dq.dtype)
         p = tl.math.exp2(qk * sm_scale_log2 - lse2[:, None])
         if MASK:
+            krow = n0 + offs_n
             vis = (krow[None, :] <= qrow[:, None]) & (krow[None, :] < load_hi)
             if HAS_WINDOW:
                 vis = vis & (qrow[:, None] - krow[None, :] < WINDOW)
@@ -173,7 +175,7 @@ def _dq_inner(dq, q, do, lse2, delta, K, V, k_col, qrow, n_lo, n_hi, load_hi, sm
 def _dq(Q, K, V, OUT, DO, LSE, DELTA, DQ, KEEP, CU, KCU, sm_scale, sm_scale_log2, stride_kn, stride_kh,
         H, G, NQB, WINDOW, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    # Q, O, DO, DQ: compact [M, H, HEAD_D] contiguous; LSE, DELTA: [M, H].
+    # Q, OUT, DO, DQ: compact [M, H, HEAD_D] contiguous; LSE, DELTA: [M, H]; KEEP: [M] int32 row ids.
     pid = tl.program_id(0)
     h = tl.program_id(1)
     seg = pid // NQB
@@ -183,56 +185,58 @@ def _dq(Q, K, V, OUT, DO, LSE, DELTA, DQ, KEEP, CU, KCU, sm_scale, sm_scale_log2
     j0 = kstart + b * BLOCK_M
     if j0 >= kend:
         return
-    seg_start = tl.load(CU + seg).to(tl.int64)
+    seg_start = tl.load(CU + seg)
     j_last = tl.minimum(j0 + BLOCK_M, kend) - 1
     row_min = tl.load(KEEP + j0)
     row_max = tl.load(KEEP + j_last)
-    offs_j = j0 + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
-    jvalid = offs_j < kend
-    qrow = tl.load(KEEP + offs_j, mask=jvalid, other=0)
+    jvalid = (j0 + offs_m) < kend
+    qrow = tl.load(KEEP + j0 + offs_m, mask=jvalid, other=0)
     qrow = tl.where(jvalid, qrow, row_max)
-    jr = offs_j.to(tl.int64)
-    qptr = jr[:, None] * (H * HEAD_D) + h * HEAD_D + offs_d[None, :]
-    q = tl.load(Q + qptr, mask=jvalid[:, None], other=0.0)
-    do = tl.load(DO + qptr, mask=jvalid[:, None], other=0.0)
-    o = tl.load(OUT + qptr, mask=jvalid[:, None], other=0.0)
-    lse2 = tl.load(LSE + jr * H + h, mask=jvalid, other=float("inf")).to(ACC) * 1.4426950408889634
+    base = j0.to(tl.int64) * (H * HEAD_D) + h * HEAD_D
+    offs_qd = offs_m[:, None] * (H * HEAD_D) + offs_d[None, :]
+    q = tl.load(Q + base + offs_qd, mask=jvalid[:, None], other=0.0)
+    do = tl.load(DO + base + offs_qd, mask=jvalid[:, None], other=0.0)
+    o = tl.load(OUT + base + offs_qd, mask=jvalid[:, None], other=0.0)
+    lbase = j0.to(tl.int64) * H + h
+    lse2 = tl.load(LSE + lbase + offs_m * H, mask=jvalid, other=float("inf")).to(ACC) * 1.4426950408889634
     delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
-    tl.store(DELTA + jr * H + h, delta.to(DELTA.dtype.element_ty), mask=jvalid)
+    tl.store(DELTA + lbase + offs_m * H, delta.to(DELTA.dtype.element_ty), mask=jvalid)
     dq = tl.zeros([BLOCK_M, HEAD_D], ACC)
-    k_col = (h // G) * stride_kh
+    k_head = (h // G) * stride_kh
     if HAS_WINDOW:
         lo = tl.maximum(seg_start, row_min - WINDOW + 1)
         full_end = lo
     else:
         lo = seg_start
         full_end = seg_start + ((row_min - seg_start + 1) // BLOCK_N) * BLOCK_N
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, k_col, qrow, lo, full_end, row_max + 1, sm_scale_log2,
-                   WINDOW, stride_kn, HEAD_D, BLOCK_N, False, HAS_WINDOW, PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, K, V, k_col, qrow, full_end, row_max + 1, row_max + 1,
+    dq = _dq_inner(dq, q, do, lse2, delta, K + k_head, V + k_head, qrow, lo, full_end, row_max + 1,
+                   sm_scale_log2, WINDOW, stride_kn, HEAD_D, BLOCK_N, False, HAS_WINDOW, PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, K + k_head, V + k_head, qrow, full_end, row_max + 1, row_max + 1,
                    sm_scale_log2, WINDOW, stride_kn, HEAD_D, BLOCK_N, True, HAS_WINDOW, PREC)
     dq = dq * sm_scale
-    tl.store(DQ + qptr, dq.to(DQ.dtype.element_ty), mask=jvalid[:, None])
+    tl.store(DQ + base + offs_qd, dq.to(DQ.dtype.element_ty), mask=jvalid[:, None])
 
 
-def _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, m_lo, m_hi, kend, sm_scale_log2, WINDOW,
-                H, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_D)
+def _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, m_lo, m_hi, kend, sm_scale_log2, WINDOW, H,
+                HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                PREC: tl.constexpr):
+    # Q, DO: pointers to (compact row 0, this query head); LSE, DELTA likewise.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_qd = offs_m[:, None] * (H * HEAD_D) + tl.arange(0, HEAD_D)[None, :]
     for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mvalid = offs_m < kend
-        mr = offs_m.to(tl.int64)
-        qptr = mr[:, None] * (H * HEAD_D) + h * HEAD_D + offs_d[None, :]
-        q = tl.load(Q + qptr, mask=mvalid[:, None], other=0.0)
-        do = tl.load(DO + qptr, mask=mvalid[:, None], other=0.0)
-        lse2 = tl.load(LSE + mr * H + h, mask=mvalid, other=float("inf")).to(dk.dtype) * 1.4426950408889634
-        delta = tl.load(DELTA + mr * H + h, mask=mvalid, other=0.0).to(dk.dtype)
+        mvalid = (m0 + offs_m) < kend
+        qb = tl.cast(m0, tl.int64) * (H * HEAD_D)
+        lb = tl.cast(m0, tl.int64) * H
+        q = tl.load(Q + qb + offs_qd, mask=mvalid[:, None], other=0.0)
+        do = tl.load(DO + qb + offs_qd, mask=mvalid[:, None], other=0.0)
+        lse2 = tl.load(LSE + lb + offs_m * H, mask=mvalid, other=float("inf")).to(dk.dtype) * 1.4426950408889634
+        delta = tl.load(DELTA + lb + offs_m * H, mask=mvalid, other=0.0).to(dk.dtype)
         qkT = tl.dot(k, tl.trans(q), input_precision=PREC).to(dk.dtype)  # [BLOCK_N, BLOCK_M]
         pT = tl.math.exp2(qkT * sm_scale_log2 - lse2[None, :])
         if MASK:
-            qrow = tl.load(KEEP + offs_m, mask=mvalid, other=0)
+            qrow = tl.load(KEEP + m0 + offs_m, mask=mvalid, other=0)
             vis = (krow[:, None] <= qrow[None, :]) & mvalid[None, :]
             if HAS_WINDOW:
                 vis = vis & (qrow[None, :] - krow[:, None] < WINDOW)
@@ -247,7 +251,8 @@ def _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, m_lo, m_hi, kend
 def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, stride_kn, stride_kh,
           H, HKV, G, NKB, WINDOW, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
           HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
-    # Q, DO: compact [M, H, HEAD_D]; LSE, DELTA: [M, H]; DK, DV: compact [M, HKV, HEAD_D] contiguous.
+    # Q, DO: compact [M, H, HEAD_D]; LSE, DELTA: [M, H]; DK, DV: compact [M, HKV, HEAD_D] contiguous;
+    # KEEP: [M] int32 row ids.
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     seg = pid // NKB
@@ -257,10 +262,10 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, s
     j0 = kstart + b * BLOCK_N
     if j0 >= kend:
         return
-    offs_n = j0 + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
-    nvalid = offs_n < kend
-    krow = tl.load(KEEP + offs_n, mask=nvalid, other=0)
+    nvalid = (j0 + offs_n) < kend
+    krow = tl.load(KEEP + j0 + offs_n, mask=nvalid, other=0)
     kptr = krow.to(tl.int64)[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
     k = tl.load(K + kptr, mask=nvalid[:, None], other=0.0)
     v = tl.load(V + kptr, mask=nvalid[:, None], other=0.0)
@@ -275,16 +280,19 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, s
         m_hi = kend
     for g in range(G):
         h = hk * G + g
+        Qh = Q + h * HEAD_D
+        DOh = DO + h * HEAD_D
         if HAS_WINDOW:
-            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, j0, m_hi, kend,
+            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Qh, DOh, LSE + h, DELTA + h, KEEP, j0, m_hi, kend,
                                  sm_scale_log2, WINDOW, H, HEAD_D, BLOCK_M, True, HAS_WINDOW, PREC)
         else:
-            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, j0, diag_end, kend,
+            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Qh, DOh, LSE + h, DELTA + h, KEEP, j0, diag_end, kend,
                                  sm_scale_log2, WINDOW, H, HEAD_D, BLOCK_M, True, HAS_WINDOW, PREC)
-            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, KEEP, h, j0 + BLOCK_N, m_hi, kend,
-                                 sm_scale_log2, WINDOW, H, HEAD_D, BLOCK_M, False, HAS_WINDOW, PREC)
+            dk, dv = _dkdv_inner(dk, dv, k, v, krow, Qh, DOh, LSE + h, DELTA + h, KEEP, j0 + BLOCK_N, m_hi,
+                                 kend, sm_scale_log2, WINDOW, H, HEAD_D, BLOCK_M, False, HAS_WINDOW, PREC)
     dk = dk * sm_scale
-    optr = offs_n.to(tl.int64)[:, None] * (HKV * HEAD_D) + hk * HEAD_D + offs_d[None, :]
+    obase = j0.to(tl.int64) * (HKV * HEAD_D) + hk * HEAD_D
+    optr = obase + offs_n[:, None] * (HKV * HEAD_D) + offs_d[None, :]
     tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=nvalid[:, None])
     tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=nvalid[:, None])
 
@@ -320,7 +328,7 @@ def _precision_args(dtype: torch.dtype):
         return "ieee", tl.float64
     if dtype == torch.float32:
         return "ieee", tl.float32
-    return None, tl.float32
+    return "tf32", tl.float32  # 16-bit operands: the precision flag only matters for fp32 operands
 
 
 class TritonKeptAttention:
@@ -427,9 +435,11 @@ class TritonKeptAttention:
                              f"do not match do_k {tuple(do_k.shape)}")
         q, o, do_k, lse = q.contiguous(), o.contiguous(), do_k.contiguous(), lse.contiguous()
         k, v = k.contiguous(), v.contiguous()
-        keep = keep.to(torch.int64).contiguous()
+        if layout.num_rows >= 2**31:
+            raise ValueError("the triton backend indexes rows with int32")
         cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
-        kcu = torch.searchsorted(keep, cu.to(torch.int64)).to(torch.int32)
+        kcu = torch.searchsorted(keep, cu.to(keep.dtype)).to(torch.int32)
+        keep = keep.to(torch.int32).contiguous()
         S = cu.numel() - 1
         G = H // Hkv
         has_window, window = self._window(layout)

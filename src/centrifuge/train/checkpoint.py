@@ -288,7 +288,9 @@ def _optimizer_state_dict(
                 packed_state[index] = per_param[name]
             ids.append(index)
             index += 1
-        groups.append({**group, "params": ids})
+        # JSON turned tuples (betas) into lists; give the optimizer back what it stored
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items() if k != "params"}
+        groups.append({**settings, "params": ids})
     return {"state": packed_state, "param_groups": groups}
 
 

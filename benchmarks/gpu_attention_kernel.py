@@ -346,9 +346,9 @@ def main() -> None:
     # the table, last
     print(f"\nresults in {out_dir / 'attention_kernel.json'}; tiles used: {results['sweep']['best']}")
     print("H=32 Hkv=4 D=64 bf16; times are medians in ms; ratios to SDPA's full causal backward; TFLOP/s: SDPA on "
-          "10·D·pairs·H, ours on useful 2·D·H·(3Pq+2Pkk) / executed 2·D·H·(3Pq+4Pkk)")
+          "10·D·pairs·H, ours on useful 2·D·H·(3Pq+2Pkk) / executed 2·D·H·(3Pq+4Pkk); flops = useful / SDPA FLOPs")
     hdr = (f"{'S':>6} {'B':>2} {'kappa':>5} | {'sdpa_bwd':>8} {'stock':>8} {'ours':>8} | {'stock/sdpa':>10} "
-           f"{'ours/sdpa':>9} {'ideal':>6} | {'TF sdpa':>7} {'TF useful':>9} {'TF exec':>7} | {'fwd sdpa':>8} "
+           f"{'ours/sdpa':>9} {'flops':>6} | {'TF sdpa':>7} {'TF useful':>9} {'TF exec':>7} | {'fwd sdpa':>8} "
            f"{'fwd ours':>8} | {'err':>7}")
     print(hdr)
     print("-" * len(hdr))

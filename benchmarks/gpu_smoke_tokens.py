@@ -123,7 +123,7 @@ def time_model(out: dict, layers: int, batch: int, seq: int, keep_ratio: float) 
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         print(name, results[name], flush=True)
     d = results["dense"]["median_ms"]
-    for name, r in results.items():
+    for r in results.values():
         r["ratio"] = r["median_ms"] / d
     out["timing"] = {"layers": layers, "batch": batch, "seq": seq, "keep": keep_ratio, "results": results}
     print(json.dumps(out["timing"], indent=1))

@@ -24,14 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Faster training of Hugging Face decoder LLMs by skipping tokens and neurons.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # sub-command not built yet
-        module.add_parser(sub)
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).add_parser(sub)
     return parser
 
 

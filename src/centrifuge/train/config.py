@@ -169,6 +169,45 @@ class LogSection:
         _require(self.every >= 1, "log.every", "must be at least 1", self.every)
 
 
+@dataclass
+class TokensSection:
+    """Token filtering: the backward runs on the kept tokens only (Centrifuge). ``keep_ratio: 1.0`` (with a
+    ratio-based selector) is ordinary dense training."""
+
+    keep_ratio: float = 0.5  # share of labelled tokens kept (the schedule's start value)
+    selector: str = "random"  # random | label_mask | self_loss | excess_loss | reference_loss | threshold
+    scope: str = "sequence"  # sequence | batch: where the top-k is taken
+    mode: str = "fast"  # fast (token-sparse backward) | reference (the oracle) | loss_only (masked loss)
+    selector_params: dict[str, Any] = field(default_factory=dict)  # e.g. {seed: 0} or {tau: 0.5}
+    schedule: str = "constant"  # constant | linear | cosine | ladder, over the run's steps
+    schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. {end: 0.3} (start = keep_ratio)
+    attention: str = "auto"  # attention backend of the fast path: auto | math | flash | sdpa | triton
+    reference_scores: str | None = None  # directory written by `centrifuge score-reference`
+    reference_model: str | None = None  # local model directory: score online, one no-grad forward a step
+
+    def validate(self) -> None:
+        from centrifuge.ops.attention import BACKENDS
+        from centrifuge.schedules import KINDS
+        from centrifuge.tokens.forward import MODES
+        from centrifuge.tokens.selectors import SCOPES, SELECTORS
+
+        _require(0.0 < self.keep_ratio <= 1.0, "tokens.keep_ratio", "must be in (0, 1]", self.keep_ratio)
+        _require_choice(self.selector, "tokens.selector", list(SELECTORS))
+        _require_choice(self.scope, "tokens.scope", list(SCOPES))
+        _require_choice(self.mode, "tokens.mode", list(MODES))
+        _require_choice(self.schedule, "tokens.schedule", list(KINDS))
+        _require_choice(self.attention, "tokens.attention", ["auto", *BACKENDS])
+        if self.reference_scores is not None and self.reference_model is not None:
+            raise ConfigError("tokens: set reference_scores or reference_model, not both")
+        if self.selector in ("excess_loss", "reference_loss", "threshold") and not (
+            self.reference_scores or self.reference_model
+        ):
+            raise ConfigError(
+                f"tokens.selector: {self.selector!r} ranks by a reference model's losses; set "
+                "tokens.reference_scores (from `centrifuge score-reference`) or tokens.reference_model"
+            )
+
+
 # ------------------------------------------------------------------------------------ the section registry
 
 
@@ -182,6 +221,7 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    tokens: TokensSection = field(default_factory=TokensSection)
 
     def validate(self) -> None:
         for name in section_names():

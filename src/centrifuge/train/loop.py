@@ -67,6 +67,9 @@ class RunContext:
     device: torch.device
     loss_fn: LossFn = dense_loss
     hooks: StepHooks = field(default_factory=StepHooks)
+    data: Datasets | None = None  # packed train / eval sequences (e.g. to check reference scores against)
+    tokenizer: TextTokenizer | None = None
+    say: Callable[[str], None] = print  # set-up messages of plug-ins
 
 
 Plugin = Callable[[RunContext], None]
@@ -74,7 +77,9 @@ Plugin = Callable[[RunContext], None]
 
 def default_plugins() -> list[Plugin]:
     """Plug-ins configured by config sections (token filtering and neuron omission register here)."""
-    return []
+    from centrifuge.tokens.training import token_filter_plugin
+
+    return [token_filter_plugin]
 
 
 @dataclass
@@ -385,7 +390,7 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     if state is not None:
         sampler.load_state_dict(state["sampler"])
 
-    context = RunContext(config, model, optimizer, scheduler, device)
+    context = RunContext(config, model, optimizer, scheduler, device, data=data, tokenizer=tokenizer)
     for plugin in default_plugins() if plugins is None else plugins:
         plugin(context)
     return PreparedRun(
@@ -458,7 +463,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             window_tokens, window_time, step_time = 0, 0.0, None
             while step < t.steps and stop.signum is None:
                 tic = time.perf_counter()
-                micro = [run.data.train.batch(run.sampler.take(t.batch_size)) for _ in range(t.grad_accum)]
+                micro = [indexed_batch(run.data.train, run.sampler.take(t.batch_size)) for _ in range(t.grad_accum)]
                 try:
                     stats = train_step(
                         ctx.model, micro, ctx.optimizer, ctx.scheduler, step=step + 1, loss_fn=ctx.loss_fn,
@@ -495,6 +500,13 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def indexed_batch(dataset: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+    """A training micro-batch plus ``sequence_index`` [B] (to look up precomputed per-sequence data)."""
+    batch = dataset.batch(indices)
+    batch["sequence_index"] = torch.tensor(indices, dtype=torch.long)
+    return batch
 
 
 def _resolved(config: Config, run_dir: str) -> Config:

@@ -1,0 +1,160 @@
+"""Token filtering inside the training step: a loss function for ``centrifuge.train.step.train_step``.
+
+``TokenFilterLoss`` turns one micro-batch into a ``MicroLoss`` through a Centrifuge-patched model:
+
+* selectors that need the current model's loss (``self_loss``, ``excess_loss``) run *after* the forward
+  (``select=``), all others *before* it (``keep_mask=``), which also saves activation memory;
+* the keep ratio follows a schedule over training (constant by default);
+* a keep ratio of 1.0 is ordinary dense training (the same ``dense_loss`` as without Centrifuge).
+
+The step sums ``loss_sum`` over micro-batches and divides by the global kept count, so the loss is
+normalized exactly as the reference semantics require.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels
+from centrifuge.schedules import Constant
+from centrifuge.tokens.selectors import Selector
+
+Schedule = Callable[[int, int], float]
+
+
+@dataclasses.dataclass
+class TokenFilterLoss:
+    """A ``LossFn`` with token filtering.
+
+    Attributes:
+        selector: which tokens to keep (``centrifuge.tokens.selectors``).
+        dense_loss: the step's plain loss, used when the scheduled keep ratio is 1.0.
+        schedule: keep ratio as a function of (step, total_steps); defaults to the selector's ratio.
+        total_steps: length of the run (for the schedule).
+        step: the current optimizer step; the training loop sets it (``set_step``) before each step.
+        reference: batch → reference per-token losses [B, T] (offline scores looked up by the batch's
+            ``sequence_index``, or an online reference model); needed by ``excess_loss`` and friends.
+        ratio_driven: the selector keeps a fixed share (False for ``label_mask`` and ``threshold``); only
+            then does the schedule apply and a ratio of 1.0 mean dense training.
+    """
+
+    selector: Selector
+    dense_loss: Callable
+    schedule: Schedule | None = None
+    total_steps: int = 1
+    step: int = 0
+    reference: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    ratio_driven: bool = True
+
+    def __post_init__(self):
+        if self.schedule is None:
+            self.schedule = Constant(getattr(self.selector, "ratio", 1.0))
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+        ratio = float(self.schedule(min(step, self.total_steps - 1), self.total_steps))
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"keep ratio schedule gave {ratio} at step {step}; it must be in (0, 1]")
+        self.selector.ratio = ratio
+
+    def _reference_for(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Reference per-token losses [B, T] of this micro-batch, if the selector uses them."""
+        if not getattr(self.selector, "needs_reference", False):
+            return None
+        if self.reference is None:
+            raise ValueError(f"selector {self.selector!r} needs reference losses: set tokens.reference_scores "
+                             "(from `centrifuge score-reference`) or tokens.reference_model")
+        return self.reference(batch).to(batch["input_ids"].device)
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.selector.ratio
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        from centrifuge.train.step import MicroLoss
+
+        if self.ratio_driven and self.keep_ratio >= 1.0:
+            return self.dense_loss(model, batch)
+        # attention_mask is not passed: padding sits at row ends, and without a 2-D mask the model keeps
+        # packed documents apart through the restarting position_ids (as dense_loss does).
+        inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"],
+                  "position_ids": batch.get("position_ids")}
+        reference = self._reference_for(batch)
+        if self.selector.needs_current_loss:
+            step = self.step
+
+            def select(*, scores, valid):
+                return self.selector(scores=scores, valid=valid, step=step, reference=reference)
+
+            out = model(**inputs, select=select)
+        else:
+            labelled = shift_labels(batch["labels"]) != IGNORE_INDEX
+            keep = self.selector(scores=None, valid=labelled, step=self.step, reference=reference)
+            out = model(**inputs, keep_mask=keep)
+        return MicroLoss(loss_sum=out.loss_sum, num_counted=out.num_counted, num_valid=out.num_labelled)
+
+
+def _reference_source(tokens, context) -> Callable[[dict[str, torch.Tensor]], torch.Tensor] | None:
+    """batch → reference losses [B, T]: offline scores by ``sequence_index``, or an online model."""
+    from centrifuge.tokens.reference import OnlineReference, ReferenceScores
+
+    if tokens.reference_scores:
+        scores = ReferenceScores(tokens.reference_scores, dataset=context.data.train, tokenizer=context.tokenizer)
+        return lambda batch: scores.for_batch(batch["sequence_index"].tolist())
+    if tokens.reference_model:
+        dtype = next(context.model.parameters()).dtype
+        online = OnlineReference.load(tokens.reference_model, device=context.device, dtype=dtype)
+        return online
+    return None
+
+
+def token_filter_plugin(context) -> None:
+    """``centrifuge train`` plug-in for the ``tokens`` config section (see ``centrifuge.train.loop``).
+
+    Patches the model with ``centrifuge.apply`` and makes the step's loss a ``TokenFilterLoss``; with
+    ``keep_ratio: 1.0`` (and a ratio-based selector, constant schedule) it leaves dense training alone."""
+    import centrifuge
+    from centrifuge.schedules import make_schedule
+    from centrifuge.tokens.reference import ReferenceScoresError
+    from centrifuge.tokens.selectors import make_selector
+    from centrifuge.train.errors import ConfigError
+
+    tokens = context.config.tokens
+    if tokens.keep_ratio >= 1.0 and tokens.selector != "label_mask" and tokens.schedule == "constant":
+        context.say("token filtering: off (tokens.keep_ratio = 1.0): ordinary dense training")
+        return
+    params = dict(tokens.selector_params)
+    if tokens.selector not in ("label_mask", "threshold"):
+        params.setdefault("ratio", tokens.keep_ratio)
+    if tokens.selector != "label_mask":
+        params.setdefault("scope", tokens.scope)
+    try:
+        selector = make_selector(tokens.selector, **params)
+        schedule_params = dict(tokens.schedule_params)
+        if tokens.schedule == "constant":
+            schedule_params.setdefault("value", tokens.keep_ratio)
+        else:
+            schedule_params.setdefault("start", tokens.keep_ratio)
+        schedule = make_schedule(tokens.schedule, **schedule_params)
+        reference = _reference_source(tokens, context)
+    except (ValueError, ReferenceScoresError) as err:
+        raise ConfigError(f"tokens: {err}") from None
+    ratio_driven = tokens.selector not in ("label_mask", "threshold")
+    loss = TokenFilterLoss(
+        selector=selector, dense_loss=context.loss_fn, schedule=schedule if ratio_driven else None,
+        total_steps=context.config.train.steps, reference=reference, ratio_driven=ratio_driven,
+    )
+    centrifuge.apply(context.model, mode=tokens.mode, attention=tokens.attention)
+    context.loss_fn = loss
+    if ratio_driven:
+        context.hooks.before_forward.append(lambda step: loss.set_step(step - 1))  # train_step counts from 1
+    timing = "after the forward (current loss)" if selector.needs_current_loss else "before the forward"
+    context.say(
+        f"token filtering: on — {tokens.selector} selection, keep ratio {tokens.keep_ratio:g} "
+        f"({tokens.schedule} schedule, {tokens.scope} scope), mode {tokens.mode}, mask known {timing}; "
+        "set tokens.keep_ratio=1.0 for ordinary dense training"
+    )

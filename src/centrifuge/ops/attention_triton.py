@@ -73,6 +73,17 @@ def _interpreting() -> bool:
 tl: Any = None  # triton.language, bound in the kernels' own namespace by ``_kernels``
 
 
+# Reductions through tl.reduce with our own combine functions: Triton's tl.max / tl.sum / tl.zeros are
+# themselves @jit functions, decorated when Triton was imported, so under TRITON_INTERPRET=1 set after that
+# import they would not run in the interpreter; ours are decorated in ``_kernels``.
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+def _sum_combine(a, b):
+    return a + b
+
+
 def _fwd_inner(acc, m_i, l_i, q, K, V, qpos, n_lo, n_hi, load_hi, sm_scale_log2, WINDOW, stride_kn,
                HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
                PREC: tl.constexpr):
@@ -95,11 +106,11 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, qpos, n_lo, n_hi, load_hi, sm_scale_log2,
             if HAS_WINDOW:
                 vis = vis & (qpos[:, None] - krow[None, :] < WINDOW)
             qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, _max_combine))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc.dtype)
         m_i = m_new
     return acc, m_i, l_i
@@ -125,8 +136,8 @@ def _fwd(Q, K, V, OUT, LSE, CU, sm_scale_log2, stride_qn, stride_qh, stride_kn, 
     q = tl.load(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=qvalid[:, None], other=0.0)
     qpos = tl.minimum(q_start + offs_m, q_end - 1)  # rows past the segment act as its last row (never stored)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_M], ACC)
-    acc = tl.zeros([BLOCK_M, HEAD_D], ACC)
+    l_i = tl.full([BLOCK_M], 0.0, ACC)
+    acc = tl.full([BLOCK_M, HEAD_D], 0.0, ACC)
     k_head = (h // G) * stride_kh
     if HAS_WINDOW:
         lo = tl.maximum(seg_start, q_start - WINDOW + 1)
@@ -203,9 +214,9 @@ def _dq(Q, K, V, OUT, DO, LSE, DELTA, DQ, KEEP, CU, KCU, sm_scale, sm_scale_log2
     o = tl.load(OUT + base + offs_qd, mask=jvalid[:, None], other=0.0)
     lbase = j0.to(tl.int64) * H + h
     lse2 = tl.load(LSE + lbase + offs_m * H, mask=jvalid, other=float("inf")).to(ACC) * 1.4426950408889634
-    delta = tl.sum(do.to(ACC) * o.to(ACC), 1)
+    delta = tl.reduce(do.to(ACC) * o.to(ACC), 1, _sum_combine)
     tl.store(DELTA + lbase + offs_m * H, delta.to(DELTA.dtype.element_ty), mask=jvalid)
-    dq = tl.zeros([BLOCK_M, HEAD_D], ACC)
+    dq = tl.full([BLOCK_M, HEAD_D], 0.0, ACC)
     k_head = (h // G) * stride_kh
     if HAS_WINDOW:
         lo = tl.maximum(seg_start, row_min - WINDOW + 1)
@@ -271,8 +282,8 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, s
     kptr = krow.to(tl.int64)[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
     k = tl.load(K + kptr, mask=nvalid[:, None], other=0.0)
     v = tl.load(V + kptr, mask=nvalid[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_D], ACC)
-    dv = tl.zeros([BLOCK_N, HEAD_D], ACC)
+    dk = tl.full([BLOCK_N, HEAD_D], 0.0, ACC)
+    dv = tl.full([BLOCK_N, HEAD_D], 0.0, ACC)
     diag_end = tl.minimum(j0 + BLOCK_N, kend)
     if HAS_WINDOW:  # noqa: SIM108
         # kept rows are distinct and increasing, so a query WINDOW or more compact slots past the
@@ -299,7 +310,7 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, s
     tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=nvalid[:, None])
 
 
-_KERNEL_NAMES = ("_fwd_inner", "_fwd", "_dq_inner", "_dq", "_dkdv_inner", "_dkdv")
+_KERNEL_NAMES = ("_max_combine", "_sum_combine", "_fwd_inner", "_fwd", "_dq_inner", "_dq", "_dkdv_inner", "_dkdv")
 
 
 @functools.cache

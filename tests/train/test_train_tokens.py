@@ -77,3 +77,23 @@ def test_patched_model_is_reverted_cleanly(fast_overrides):
     assert centrifuge.patch_mode(model) == "fast"
     centrifuge.revert(model)
     assert centrifuge.patch_mode(model) is None
+
+
+def test_rho1_recipe_offline_scores_then_excess_loss_training(tmp_path, fast_overrides):
+    from centrifuge.cli.main import main as cli_main
+
+    sets = fast_overrides("train.steps=3")
+    scores = tmp_path / "scores"
+    argv = ["score-reference", "--model", "tiny", "--out", str(scores), "--no-progress", "--batch", "16",
+            "--shard-size", "1024", "--device", "cpu"]
+    for item in sets:
+        argv += ["--set", item]
+    assert cli_main(argv) == 0
+    rho1 = ["tokens.selector=excess_loss", f"tokens.reference_scores={scores}", "tokens.scope=batch"]
+    result = run_training(load_config(None, [*sets, *rho1]))
+    assert result.step == 3
+    # scores of other data (another sequence length) are refused before anything is written
+    other = fast_overrides("train.steps=1", "data.seq_len=32", out_dir=str(tmp_path / "other"))
+    with pytest.raises(ConfigError, match="seq"):
+        run_training(load_config(None, [*other, *rho1]))
+    assert not (tmp_path / "other").exists()

@@ -44,11 +44,13 @@ _LOG2E = 1.0 / math.log(2.0)
 # rows one program owns, BLOCK_INNER = rows of the other side per loop step. fwd: queries × keys; dq: kept
 # queries × keys; dkdv: kept keys (rows of dK / dV) × kept queries (BLOCK_OUT % BLOCK_INNER == 0).
 DEFAULT_CONFIGS: dict[int, dict[str, tuple[int, int, int, int]]] = {
-    # Chosen from ptxas resource reports (sm_90, Triton 3.9 on the CPU machine: no spills for head dim 64),
-    # not yet from timings; benchmarks/gpu_attention_kernel.py sweeps alternatives on the GPU.
+    # Head dim 64: the fastest of the H100 sweep (benchmarks/results/2026-11-24-h100-attention-kernel, S = 16k,
+    # kappa = 0.5, Triton 3.6): 4.55 ms against 5.23 ms with the earlier (128, 32, 8, 3) tiles. Head dim 128:
+    # from ptxas resource reports only (sm_90, Triton 3.9 on the CPU machine; the least-spilling tiles, the
+    # same 4-warp / 3-stage shape as the 64 winners where it does not spill more); 16 / 32: untimed.
     16: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
     32: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
-    64: {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkdv": (128, 32, 8, 3)},
+    64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3)},
     128: {"fwd": (128, 32, 8, 2), "dq": (64, 16, 4, 2), "dkdv": (64, 32, 4, 2)},
 }
 

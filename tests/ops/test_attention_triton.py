@@ -28,8 +28,9 @@ from centrifuge.ops.attention_triton import TritonKeptAttention  # noqa: E402
 from centrifuge.tokens.layout import TokenLayout  # noqa: E402
 
 DEVICE = "cuda" if _CUDA else "cpu"
-SMALL = {d: {k: (16, 16, 4, 1) for k in ("fwd", "dq", "dkdv")} for d in (16, 32, 64, 128)}
-MIXED = {d: {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1)} for d in (16, 32, 64, 128)}
+SMALL = {d: {k: (16, 16, 4, 1) for k in ("fwd", "dq", "dkdv", "dqf", "kk")} for d in (16, 32, 64, 128)}
+MIXED = {d: {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1), "dqf": (16, 32, 4, 1),
+             "kk": (32, 16, 4, 1)} for d in (16, 32, 64, 128)}
 DTYPES = [torch.float32] if _CUDA else [torch.float64, torch.float32]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 MATH = MathAttention()

@@ -42,16 +42,22 @@ _LOG2E = 1.0 / math.log(2.0)
 
 # Tile configurations per head dim and kernel: (BLOCK_OUT, BLOCK_INNER, num_warps, num_stages), BLOCK_OUT =
 # rows one program owns, BLOCK_INNER = rows of the other side per loop step. fwd: queries × keys; dq: kept
-# queries × keys; dkdv: kept keys (rows of dK / dV) × kept queries (BLOCK_OUT % BLOCK_INNER == 0).
+# queries × keys; dkdv: kept keys (rows of dK / dV) × kept queries (BLOCK_OUT % BLOCK_INNER == 0). Without a
+# sliding window the backward runs dqf (kept queries × filtered keys) and kk (kept keys × kept queries, as
+# dkdv, BLOCK_OUT % BLOCK_INNER == 0) instead of dq and dkdv.
 DEFAULT_CONFIGS: dict[int, dict[str, tuple[int, int, int, int]]] = {
     # Head dim 64: the fastest of the H100 sweep (benchmarks/results/2026-11-24-h100-attention-kernel, S = 16k,
     # kappa = 0.5, Triton 3.6): 4.55 ms against 5.23 ms with the earlier (128, 32, 8, 3) tiles. Head dim 128:
     # from ptxas resource reports only (sm_90, Triton 3.9 on the CPU machine; the least-spilling tiles, the
     # same 4-warp / 3-stage shape as the 64 winners where it does not spill more); 16 / 32: untimed.
-    16: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
-    32: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2)},
-    64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3)},
-    128: {"fwd": (128, 32, 8, 2), "dq": (64, 16, 4, 2), "dkdv": (64, 32, 4, 2)},
+    16: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dqf": (64, 64, 4, 2),
+         "kk": (64, 64, 4, 2)},
+    32: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dqf": (64, 64, 4, 2),
+         "kk": (64, 64, 4, 2)},
+    64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3), "dqf": (64, 64, 4, 3),
+         "kk": (64, 32, 4, 3)},
+    128: {"fwd": (128, 32, 8, 2), "dq": (64, 16, 4, 2), "dkdv": (64, 32, 4, 2), "dqf": (64, 16, 4, 2),
+          "kk": (64, 32, 4, 2)},
 }
 
 
@@ -312,7 +318,157 @@ def _dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, s
     tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=nvalid[:, None])
 
 
-_KERNEL_NAMES = ("_max_combine", "_sum_combine", "_fwd_inner", "_fwd", "_dq_inner", "_dq", "_dkdv_inner", "_dkdv")
+# ---- kept-token backward without recompute (no sliding window): the filtered-key dQ pass + the kept-kept pass ----
+
+
+def _dqf_inner(dq, q, do, lse2, delta, K, V, DROP, qrow, f_lo, f_hi, load_hi, sm_scale_log2, stride_kn,
+               HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    # Keys: filtered rows DROP[f_lo:f_hi] (sorted int32 row ids), gathered row by row; K, V point at this
+    # KV head. Unmasked blocks: every key row below every query row of the block.
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    for f0 in range(f_lo, f_hi, BLOCK_N):
+        if MASK:
+            fin = (f0 + offs_n) < load_hi
+            krow = tl.load(DROP + f0 + offs_n, mask=fin, other=0)
+            kp = krow.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+            k = tl.load(K + kp, mask=fin[:, None], other=0.0)
+            v = tl.load(V + kp, mask=fin[:, None], other=0.0)
+        else:
+            krow = tl.load(DROP + f0 + offs_n)
+            kp = krow.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]
+            k = tl.load(K + kp)
+            v = tl.load(V + kp)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC).to(dq.dtype)
+        p = tl.math.exp2(qk * sm_scale_log2 - lse2[:, None])
+        if MASK:
+            vis = (krow[None, :] <= qrow[:, None]) & fin[None, :]
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(dq.dtype)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(dq.dtype)
+    return dq
+
+
+def _dqf(Q, K, V, OUT, DO, LSE, DELTA, DQACC, KEEP, DROP, CU, KCU, sm_scale, sm_scale_log2, stride_kn,
+         stride_kh, H, G, NSEG, NQB, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         PREC: tl.constexpr, ACC: tl.constexpr):
+    # dQ of kept queries against the *filtered* keys of their segment (the kept keys are ``_kk``'s), scaled,
+    # stored to DQACC [M, H, HEAD_D] (fp32 / fp64) for ``_kk`` to add to; D_i = rowsum(dO ∘ O) to DELTA.
+    # Filtered index of a row r: f(r) = r - #(kept rows < r); so the filtered rows of the segment start at
+    # seg_start - kstart, those below the block's first kept row end at row_min - j0, and those below its last
+    # kept row at row_max - j_last. Programs: block-major, the blocks with the most keys first.
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = NQB - 1 - pid // NSEG
+    seg = pid % NSEG
+    kstart = tl.load(KCU + seg)
+    kend = tl.load(KCU + seg + 1)
+    j0 = kstart + b * BLOCK_M
+    if j0 >= kend:
+        return
+    seg_start = tl.load(CU + seg)
+    j_last = tl.minimum(j0 + BLOCK_M, kend) - 1
+    row_min = tl.load(KEEP + j0)
+    row_max = tl.load(KEEP + j_last)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    jvalid = (j0 + offs_m) < kend
+    qrow = tl.load(KEEP + j0 + offs_m, mask=jvalid, other=0)
+    qrow = tl.where(jvalid, qrow, row_max)
+    base = j0.to(tl.int64) * (H * HEAD_D) + h * HEAD_D
+    offs_qd = offs_m[:, None] * (H * HEAD_D) + offs_d[None, :]
+    q = tl.load(Q + base + offs_qd, mask=jvalid[:, None], other=0.0)
+    do = tl.load(DO + base + offs_qd, mask=jvalid[:, None], other=0.0)
+    o = tl.load(OUT + base + offs_qd, mask=jvalid[:, None], other=0.0)
+    lbase = j0.to(tl.int64) * H + h
+    lse2 = tl.load(LSE + lbase + offs_m * H, mask=jvalid, other=float("inf")).to(ACC) * 1.4426950408889634
+    delta = tl.reduce(do.to(ACC) * o.to(ACC), 1, _sum_combine)
+    tl.store(DELTA + lbase + offs_m * H, delta.to(DELTA.dtype.element_ty), mask=jvalid)
+    dq = tl.full([BLOCK_M, HEAD_D], 0.0, ACC)
+    k_head = (h // G) * stride_kh
+    f_lo = seg_start - kstart
+    f_full = row_min - j0
+    f_hi = row_max - j_last
+    f_full_end = f_lo + ((f_full - f_lo) // BLOCK_N) * BLOCK_N
+    dq = _dqf_inner(dq, q, do, lse2, delta, K + k_head, V + k_head, DROP, qrow, f_lo, f_full_end, f_hi,
+                    sm_scale_log2, stride_kn, HEAD_D, BLOCK_N, False, PREC)
+    dq = _dqf_inner(dq, q, do, lse2, delta, K + k_head, V + k_head, DROP, qrow, f_full_end, f_hi, f_hi,
+                    sm_scale_log2, stride_kn, HEAD_D, BLOCK_N, True, PREC)
+    dq = dq * sm_scale
+    tl.store(DQACC + base + offs_qd, dq.to(DQACC.dtype.element_ty), mask=jvalid[:, None])
+
+
+def _kk_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, DQACC, KEEP, m_lo, m_hi, kend, sm_scale, sm_scale_log2, H,
+              HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    # Q, DO, DQACC: pointers to (compact row 0, this query head); LSE, DELTA likewise.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_qd = offs_m[:, None] * (H * HEAD_D) + tl.arange(0, HEAD_D)[None, :]
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        mvalid = (m0 + offs_m) < kend
+        qb = tl.cast(m0, tl.int64) * (H * HEAD_D)
+        lb = tl.cast(m0, tl.int64) * H
+        q = tl.load(Q + qb + offs_qd, mask=mvalid[:, None], other=0.0)
+        do = tl.load(DO + qb + offs_qd, mask=mvalid[:, None], other=0.0)
+        lse2 = tl.load(LSE + lb + offs_m * H, mask=mvalid, other=float("inf")).to(dk.dtype) * 1.4426950408889634
+        delta = tl.load(DELTA + lb + offs_m * H, mask=mvalid, other=0.0).to(dk.dtype)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PREC).to(dk.dtype)  # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * sm_scale_log2 - lse2[None, :])
+        if MASK:
+            qrow = tl.load(KEEP + m0 + offs_m, mask=mvalid, other=0)
+            vis = (krow[:, None] <= qrow[None, :]) & mvalid[None, :]
+            pT = tl.where(vis, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC).to(dv.dtype)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC).to(dk.dtype)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dsT, q, input_precision=PREC).to(dk.dtype)
+        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC).to(dk.dtype) * sm_scale  # [BLOCK_M, HEAD_D]
+        tl.atomic_add(DQACC + qb + offs_qd, dq, mask=mvalid[:, None], sem="relaxed")
+    return dk, dv
+
+
+def _kk(Q, K, V, DO, LSE, DELTA, DQACC, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, stride_kn, stride_kh,
+        H, HKV, G, NSEG, NKB, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PREC: tl.constexpr, ACC: tl.constexpr):
+    # Kept keys × kept queries, each (query, key) pair once: dK, dV of a block of kept keys (summed over the G
+    # query heads of the KV head, in registers) and the pair's dQ contribution, added to DQACC atomically.
+    # Programs: block-major, the first blocks of each segment (the most queries) first.
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = pid // NSEG
+    seg = pid % NSEG
+    kstart = tl.load(KCU + seg)
+    kend = tl.load(KCU + seg + 1)
+    j0 = kstart + b * BLOCK_N
+    if j0 >= kend:
+        return
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    nvalid = (j0 + offs_n) < kend
+    krow = tl.load(KEEP + j0 + offs_n, mask=nvalid, other=0)
+    kptr = krow.to(tl.int64)[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+    k = tl.load(K + kptr, mask=nvalid[:, None], other=0.0)
+    v = tl.load(V + kptr, mask=nvalid[:, None], other=0.0)
+    dk = tl.full([BLOCK_N, HEAD_D], 0.0, ACC)
+    dv = tl.full([BLOCK_N, HEAD_D], 0.0, ACC)
+    diag_end = tl.minimum(j0 + BLOCK_N, kend)
+    for g in range(G):
+        h = hk * G + g
+        dk, dv = _kk_inner(dk, dv, k, v, krow, Q + h * HEAD_D, DO + h * HEAD_D, LSE + h, DELTA + h,
+                           DQACC + h * HEAD_D, KEEP, j0, diag_end, kend, sm_scale, sm_scale_log2, H, HEAD_D,
+                           BLOCK_M, True, PREC)
+        dk, dv = _kk_inner(dk, dv, k, v, krow, Q + h * HEAD_D, DO + h * HEAD_D, LSE + h, DELTA + h,
+                           DQACC + h * HEAD_D, KEEP, j0 + BLOCK_N, kend, kend, sm_scale, sm_scale_log2, H,
+                           HEAD_D, BLOCK_M, False, PREC)
+    dk = dk * sm_scale
+    obase = j0.to(tl.int64) * (HKV * HEAD_D) + hk * HEAD_D
+    optr = obase + offs_n[:, None] * (HKV * HEAD_D) + offs_d[None, :]
+    tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=nvalid[:, None])
+    tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=nvalid[:, None])
+
+
+_KERNEL_NAMES = ("_max_combine", "_sum_combine", "_fwd_inner", "_fwd", "_dq_inner", "_dq", "_dkdv_inner", "_dkdv",
+                 "_dqf_inner", "_dqf", "_kk_inner", "_kk")
 
 
 @functools.cache
@@ -332,7 +488,7 @@ def _kernels(interpret: bool):
         fn = types.FunctionType(raw.__code__, ns, name, raw.__defaults__, raw.__closure__)
         fn.__qualname__, fn.__module__, fn.__annotations__ = raw.__qualname__, raw.__module__, raw.__annotations__
         ns[name] = triton.jit(fn)
-    return {"fwd": ns["_fwd"], "dq": ns["_dq"], "dkdv": ns["_dkdv"]}
+    return {"fwd": ns["_fwd"], "dq": ns["_dq"], "dkdv": ns["_dkdv"], "dqf": ns["_dqf"], "kk": ns["_kk"]}
 
 
 def _precision_args(dtype: torch.dtype):
@@ -462,11 +618,15 @@ class TritonKeptAttention:
         kernels = _kernels(_interpreting())
         acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
         delta = torch.empty(M, H, dtype=acc_t, device=q.device)
-        dq = torch.empty(M, H, D, dtype=do_k.dtype, device=q.device)
         dk = torch.empty(M, Hkv, D, dtype=k.dtype, device=q.device)
         dv = torch.empty(M, Hkv, D, dtype=v.dtype, device=q.device)
         most = min(layout.max_seqlen, M)  # kept rows of one segment, an upper bound known without a sync
 
+        if not has_window:
+            return self._backward_split(do_k, q, k, v, o, lse, keep, cu, kcu, layout, scale, most, kernels,
+                                        prec, acc, acc_t, delta, dk, dv)
+        # Sliding window: dQ over all visible keys, then dK / dV recomputing S and dP of kept pairs.
+        dq = torch.empty(M, H, D, dtype=do_k.dtype, device=q.device)
         BM, BN, warps, stages = self._cfg(D, "dq")
         nqb = triton_cdiv(most, BM)
         kernels["dq"][(S * nqb, H)](
@@ -485,6 +645,47 @@ class TritonKeptAttention:
         )
         return dq, dk, dv
 
+
+    def _backward_split(self, do_k, q, k, v, o, lse, keep, cu, kcu, layout, scale, most, kernels, prec, acc,
+                        acc_t, delta, dk, dv):
+        """No window: ``_dqf`` (kept queries × filtered keys, dQ only) then ``_kk`` (kept × kept, dK, dV and
+        dQ by atomics): every visible pair's S and dP computed once (3·Pq + 2·Pkk GEMMs, no recompute)."""
+        M, H, D = do_k.shape
+        N, Hkv = layout.num_rows, k.shape[1]
+        S, G = cu.numel() - 1, H // Hkv
+        drop = filtered_rows(keep, N)
+        dq_acc = torch.empty(M, H, D, dtype=acc_t, device=q.device)
+        BM, BN, warps, stages = self._cfg(D, "dqf")
+        nqb = triton_cdiv(most, BM)
+        kernels["dqf"][(S * nqb, H)](
+            q, k, v, o, do_k, lse, delta, dq_acc, keep, drop, cu, kcu, scale, scale * _LOG2E, k.stride(0),
+            k.stride(1), H, G, S, nqb, HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, PREC=prec, ACC=acc, num_warps=warps,
+            num_stages=stages,
+        )
+        BN, BM, warps, stages = self._cfg(D, "kk")
+        if BN % BM:
+            raise ValueError(f"kk tile: BLOCK_N {BN} must be a multiple of BLOCK_M {BM}")
+        nkb = triton_cdiv(most, BN)
+        kernels["kk"][(S * nkb, Hkv)](
+            q, k, v, do_k, lse, delta, dq_acc, dk, dv, keep, kcu, scale, scale * _LOG2E, k.stride(0), k.stride(1),
+            H, Hkv, G, S, nkb, HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, PREC=prec, ACC=acc, num_warps=warps,
+            num_stages=stages,
+        )
+        return dq_acc.to(do_k.dtype), dk, dv
+
+
+def filtered_rows(keep: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The rows not in ``keep`` (sorted unique row ids), sorted, as int32 [num_rows - M], without a host sync.
+
+    A filtered row r goes to slot r - #(kept rows <= r); kept rows all write one spare slot, cut off."""
+    M = keep.numel()
+    kept = torch.zeros(num_rows, dtype=torch.int32, device=keep.device)
+    kept.index_fill_(0, keep.long(), 1)
+    rows = torch.arange(num_rows, dtype=torch.int32, device=keep.device)
+    slot = torch.where(kept.bool(), num_rows - M, rows - torch.cumsum(kept, 0, dtype=torch.int32))
+    out = torch.empty(num_rows - M + 1, dtype=torch.int32, device=keep.device)
+    out.scatter_(0, slot.long(), rows)
+    return out[: num_rows - M]
 
 def triton_cdiv(a: int, b: int) -> int:
     """ceil(a / b) for non-negative ints."""

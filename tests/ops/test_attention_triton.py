@@ -212,6 +212,18 @@ def test_backward_long_rows_multiple_tiles():
     layout = make_layout("packed", 1, 150, gen)
     keep = make_keep("scattered", layout, gen)
     check_backward(layout, keep, 2, 1, 16, dtype, gen, MIXED, compact=True)
+    # kept x kept tiles wide enough for the untransposed dQ product (BLOCK_M >= 64), as on the GPU
+    wide = {16: {"dqf": (32, 16, 4, 1), "kk": (64, 64, 4, 1)}}
+    check_backward(layout, keep, 2, 1, 16, dtype, gen, wide, compact=True)
+
+
+def test_filtered_rows():
+    gen = torch.Generator().manual_seed(1)
+    for N, p in ((1, 0.0), (1, 1.0), (37, 0.3), (64, 0.0), (64, 1.0), (200, 0.7)):
+        mask = torch.rand(N, generator=gen) < p
+        keep = torch.nonzero(mask).flatten().to(DEVICE)
+        got = attention_triton.filtered_rows(keep.to(torch.int32), N)
+        assert torch.equal(got.cpu(), torch.nonzero(~mask).flatten().to(torch.int32))
 
 
 def test_backend_registration_and_choice():

@@ -55,9 +55,9 @@ DEFAULT_CONFIGS: dict[int, dict[str, tuple[int, int, int, int]]] = {
     32: {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dqf": (64, 64, 4, 2),
          "kk": (64, 64, 4, 2)},
     64: {"fwd": (128, 64, 8, 3), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3), "dqf": (64, 64, 4, 3),
-         "kk": (64, 32, 4, 3)},
-    128: {"fwd": (128, 32, 8, 2), "dq": (64, 16, 4, 2), "dkdv": (64, 32, 4, 2), "dqf": (64, 16, 4, 2),
-          "kk": (64, 32, 4, 2)},
+         "kk": (128, 32, 8, 3)},
+    128: {"fwd": (128, 32, 8, 2), "dq": (64, 16, 4, 2), "dkdv": (64, 32, 4, 2), "dqf": (64, 32, 4, 2),
+          "kk": (128, 32, 8, 2)},
 }
 
 
@@ -400,7 +400,8 @@ def _dqf(Q, K, V, OUT, DO, LSE, DELTA, DQACC, KEEP, DROP, CU, KCU, sm_scale, sm_
 
 
 def _kk_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, DQACC, KEEP, m_lo, m_hi, kend, sm_scale, sm_scale_log2, H,
-              HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+              HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, DQ_TRANS: tl.constexpr,
+              PREC: tl.constexpr):
     # Q, DO, DQACC: pointers to (compact row 0, this query head); LSE, DELTA likewise.
     offs_m = tl.arange(0, BLOCK_M)
     offs_qd = offs_m[:, None] * (H * HEAD_D) + tl.arange(0, HEAD_D)[None, :]
@@ -422,14 +423,18 @@ def _kk_inner(dk, dv, k, v, krow, Q, DO, LSE, DELTA, DQACC, KEEP, m_lo, m_hi, ke
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC).to(dk.dtype)
         dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
         dk += tl.dot(dsT, q, input_precision=PREC).to(dk.dtype)
-        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC).to(dk.dtype) * sm_scale  # [BLOCK_M, HEAD_D]
+        if DQ_TRANS:  # dQᵀ = Kᵀ dSᵀ: M = HEAD_D rows for the MMA when BLOCK_M is too short for wgmma
+            dq = tl.trans(tl.dot(tl.trans(k), dsT, input_precision=PREC).to(dk.dtype))
+        else:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=PREC).to(dk.dtype)
+        dq = dq * sm_scale  # [BLOCK_M, HEAD_D]
         tl.atomic_add(DQACC + qb + offs_qd, dq, mask=mvalid[:, None], sem="relaxed")
     return dk, dv
 
 
 def _kk(Q, K, V, DO, LSE, DELTA, DQACC, DK, DV, KEEP, KCU, sm_scale, sm_scale_log2, stride_kn, stride_kh,
         H, HKV, G, NSEG, NKB, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PREC: tl.constexpr, ACC: tl.constexpr):
+        DQ_TRANS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
     # Kept keys × kept queries, each (query, key) pair once: dK, dV of a block of kept keys (summed over the G
     # query heads of the KV head, in registers) and the pair's dQ contribution, added to DQACC atomically.
     # Programs: block-major, the first blocks of each segment (the most queries) first.
@@ -456,10 +461,10 @@ def _kk(Q, K, V, DO, LSE, DELTA, DQACC, DK, DV, KEEP, KCU, sm_scale, sm_scale_lo
         h = hk * G + g
         dk, dv = _kk_inner(dk, dv, k, v, krow, Q + h * HEAD_D, DO + h * HEAD_D, LSE + h, DELTA + h,
                            DQACC + h * HEAD_D, KEEP, j0, diag_end, kend, sm_scale, sm_scale_log2, H, HEAD_D,
-                           BLOCK_M, True, PREC)
+                           BLOCK_M, True, DQ_TRANS, PREC)
         dk, dv = _kk_inner(dk, dv, k, v, krow, Q + h * HEAD_D, DO + h * HEAD_D, LSE + h, DELTA + h,
                            DQACC + h * HEAD_D, KEEP, j0 + BLOCK_N, kend, kend, sm_scale, sm_scale_log2, H,
-                           HEAD_D, BLOCK_M, False, PREC)
+                           HEAD_D, BLOCK_M, False, DQ_TRANS, PREC)
     dk = dk * sm_scale
     obase = j0.to(tl.int64) * (HKV * HEAD_D) + hk * HEAD_D
     optr = obase + offs_n[:, None] * (HKV * HEAD_D) + offs_d[None, :]
@@ -668,8 +673,8 @@ class TritonKeptAttention:
         nkb = triton_cdiv(most, BN)
         kernels["kk"][(S * nkb, Hkv)](
             q, k, v, do_k, lse, delta, dq_acc, dk, dv, keep, kcu, scale, scale * _LOG2E, k.stride(0), k.stride(1),
-            H, Hkv, G, S, nkb, HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, PREC=prec, ACC=acc, num_warps=warps,
-            num_stages=stages,
+            H, Hkv, G, S, nkb, HEAD_D=D, BLOCK_M=BM, BLOCK_N=BN, DQ_TRANS=BM < 64, PREC=prec, ACC=acc,
+            num_warps=warps, num_stages=stages,
         )
         return dq_acc.to(do_k.dtype), dk, dv
 

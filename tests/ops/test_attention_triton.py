@@ -226,6 +226,63 @@ def test_filtered_rows():
         assert torch.equal(got.cpu(), torch.nonzero(~mask).flatten().to(torch.int32))
 
 
+def _plain_causal_by_value(layout) -> bool:
+    rows = torch.arange(layout.batch + 1, device=layout.cu_seqlens.device) * layout.seqlen
+    return (layout.contiguous and layout.sliding_window is None
+            and layout.cu_seqlens.numel() == layout.batch + 1 and bool(torch.equal(layout.cu_seqlens, rows)))
+
+
+def test_plain_causal_rows_without_sync():
+    """The sync-free test (segment count) agrees with comparing cu_seqlens to [0, T, 2T, ...]."""
+    gen = torch.Generator().manual_seed(8)
+    layouts = [make_layout(kind, B, T, gen, w) for kind in ("plain", "packed", "padded")
+               for B, T in ((1, 1), (2, 1), (1, 9), (3, 17)) for w in (None, 4) if not (kind == "padded" and T < 8)]
+    one_pad = TokenLayout.build(batch=2, seqlen=1, device=DEVICE, attention_mask=torch.tensor([[1], [0]]).to(DEVICE))
+    all_pad = TokenLayout.build(batch=1, seqlen=3, device=DEVICE, attention_mask=torch.zeros(1, 3).long().to(DEVICE))
+    for layout in [*layouts, one_pad, all_pad]:
+        assert attention_triton.plain_causal_rows(layout) == _plain_causal_by_value(layout)
+    assert any(attention_triton.plain_causal_rows(x) for x in layouts)
+    assert not all(attention_triton.plain_causal_rows(x) for x in layouts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_through_sdpa_kernel_plumbing(dtype):
+    """The SDPA-forward path (here PyTorch's CPU flash kernel through the same code as cuDNN / flash on the
+    GPU): o and lse equal the math backend and our Triton forward's, and the backward on them is right."""
+    if _CUDA:
+        pytest.skip("the CPU flash kernel needs CPU tensors; the gpu tests check cudnn / flash")
+    gen = torch.Generator().manual_seed(12)
+    B, T, H, Hkv, D = 2, 37, 4, 2, 16
+    layout = make_layout("plain", B, T, gen)
+    q, k, v = inputs(B * T, H, Hkv, D, dtype, gen)
+    scale = D ** -0.5
+    tri = TritonKeptAttention(SMALL, sdpa_forward="flash_cpu")
+    o, lse = tri.forward(q, k, v, layout, scale)
+    assert tri.last_forward == "flash_cpu", attention_triton.sdpa_forward_status()
+    own = TritonKeptAttention(SMALL, sdpa_forward="off")
+    o_t, lse_t = own.forward(q, k, v, layout, scale)
+    assert own.last_forward == "triton"
+    o_ref, lse_ref = MATH.forward(q, k, v, layout, scale)
+    assert o.shape == o_ref.shape and lse.shape == lse_ref.shape == (B * T, H)
+    assert o.dtype == dtype and lse.dtype == lse_ref.dtype
+    assert rel(o, o_ref) < TOL[dtype] and rel(lse, lse_ref) < TOL[dtype] and rel(lse, lse_t) < TOL[dtype]
+    keep = make_keep("scattered", layout, gen)
+    do = torch.randn(keep.numel(), H, D, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout,
+                            scale=scale, queries_compact=True)
+    ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o_ref, aux=lse_ref, keep=keep, layout=layout, scale=scale,
+                             queries_compact=False)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+        assert rel(g, r) < TOL[dtype], name
+    # layouts that are not plain causal rows take the Triton forward
+    packed = make_layout("packed", B, T, gen)
+    o_p, _ = tri.forward(q, k, v, packed, scale)
+    assert tri.last_forward == "triton"
+    assert rel(o_p, MATH.forward(q, k, v, packed, scale)[0]) < TOL[dtype]
+    with pytest.raises(ValueError):
+        TritonKeptAttention(sdpa_forward="cudnn-ish")
+
+
 def test_backend_registration_and_choice():
     gen = torch.Generator().manual_seed(0)
     layout = make_layout("plain", 1, 8, gen)
@@ -293,12 +350,16 @@ def _gpu_case(B, T, H, Hkv, D, dtype, layout_kind="plain", window=None, kappa=0.
 @pytest.mark.parametrize("H,Hkv,D", [(32, 4, 64), (16, 16, 128)])
 @pytest.mark.parametrize("layout_kind,window", [("plain", None), ("packed", None), ("padded", None),
                                                  ("plain", 300)])
-def test_gpu_default_configs_vs_math(dtype, H, Hkv, D, layout_kind, window):
+@pytest.mark.parametrize("sdpa_forward", ["auto", "off"])
+def test_gpu_default_configs_vs_math(dtype, H, Hkv, D, layout_kind, window, sdpa_forward):
     B, T = 2, 1100
     layout, q, k, v, keep = _gpu_case(B, T, H, Hkv, D, dtype, layout_kind, window)
     scale = D ** -0.5
-    tri = TritonKeptAttention()
+    tri = TritonKeptAttention(sdpa_forward=sdpa_forward)
     o, lse = tri.forward(q, k, v, layout, scale)
+    plain = layout_kind == "plain" and window is None
+    if sdpa_forward == "off" or not plain:
+        assert tri.last_forward == "triton"
     o_ref, lse_ref = MATH.forward(q, k, v, layout, scale)
     assert rel(o, o_ref) < BF16_TOL
     assert rel(lse, lse_ref) < 1e-3
@@ -358,3 +419,50 @@ def test_gpu_model_auto_picks_triton_and_matches_reference():
     for key in (("fast", "triton"), ("fast", "auto")):
         worst = max(rel(grads[key][n], ref[n]) for n in ref)
         assert worst < 1e-4, (key, worst)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_auto_forward_uses_sdpa_on_plain_rows():
+    """bf16 plain causal rows: "auto" takes one of the SDPA kernels (fails, with the reasons, if none works)."""
+    layout, q, k, v, _ = _gpu_case(2, 1100, 32, 4, 64, torch.bfloat16)
+    tri = TritonKeptAttention()
+    tri.forward(q, k, v, layout, 0.125)
+    assert tri.last_forward in attention_triton.SDPA_FORWARDS, attention_triton.sdpa_forward_status()
+    tri.forward(q.float(), k.float(), v.float(), layout, 0.125)
+    assert tri.last_forward == "triton"  # fp32: our forward
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["cudnn", "flash", "cudnn_repeat"])
+@pytest.mark.parametrize("H,Hkv,D", [(32, 4, 64), (16, 16, 128), (8, 2, 128)])
+def test_gpu_sdpa_forward_matches_triton_forward(impl, H, Hkv, D):
+    """Each SDPA forward that passes its self-check gives the o and lse of our Triton forward (and the math
+    backend), and the kept-token backward on its o / lse is right; an explicit impl that fails raises."""
+    dtype = torch.bfloat16
+    layout, q, k, v, keep = _gpu_case(3, 777, H, Hkv, D, dtype)
+    scale = D ** -0.5
+    status = attention_triton._sdpa_self_check(impl, q.device, dtype, H, Hkv, D)
+    tri = TritonKeptAttention(sdpa_forward=impl)
+    if status != "ok":
+        with pytest.raises(RuntimeError):
+            tri.forward(q, k, v, layout, scale)
+        pytest.skip(f"{impl} unavailable here: {status}")
+    o, lse = tri.forward(q, k, v, layout, scale)
+    assert tri.last_forward == impl
+    own = TritonKeptAttention(sdpa_forward="off")
+    o_t, lse_t = own.forward(q, k, v, layout, scale)
+    o_ref, lse_ref = MATH.forward(q, k, v, layout, scale)
+    assert lse.dtype == torch.float32 and lse.shape == lse_t.shape == (layout.num_rows, H)
+    assert (lse - lse_t).abs().max().item() < 1e-2
+    assert rel(lse, lse_t) < 1e-3 and rel(lse, lse_ref) < 1e-3
+    assert rel(o, o_t) < BF16_TOL and rel(o, o_ref) < BF16_TOL
+    do = torch.randn(keep.numel(), H, D, device=DEVICE, dtype=dtype)
+    got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout,
+                            scale=scale, queries_compact=True)
+    ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o_ref, aux=lse_ref, keep=keep, layout=layout, scale=scale,
+                             queries_compact=False)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+        err = rel(g, r)
+        assert err < BF16_TOL, (name, err)

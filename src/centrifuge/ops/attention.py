@@ -14,14 +14,15 @@ Backends: ``MathAttention`` (any device and dtype, the CPU path and the referenc
 ``FlashVarlenAttention`` (CUDA: PyTorch's FlashAttention-2 varlen kernels; its backward runs on all rows with
 dO = 0 on filtered queries, which gives exactly the kept-token gradients at the cost of a full backward).
 ``TritonKeptAttention`` (``ops.attention_triton``, name "triton") does only the needed work: dQ of kept
-queries and dK / dV of kept keys from kept queries, in fused Triton kernels; "auto" prefers it on CUDA.
+queries and dK / dV of kept keys from kept queries, in fused Triton kernels; "auto" prefers it on CUDA. Its
+forward runs the dense model's SDPA kernels (cuDNN / FlashAttention) on plain causal rows, else its own.
 """
 
 from __future__ import annotations
 
 import torch
 
-from centrifuge.ops.attention_triton import SUPPORTED_HEAD_DIMS, TritonKeptAttention
+from centrifuge.ops.attention_triton import SUPPORTED_HEAD_DIMS, TritonKeptAttention, plain_causal_rows
 from centrifuge.tokens.layout import TokenLayout
 
 
@@ -163,9 +164,7 @@ class SdpaAttention:
 
     @staticmethod
     def plain_causal(layout: TokenLayout) -> bool:
-        rows = torch.arange(layout.batch + 1, device=layout.cu_seqlens.device) * layout.seqlen
-        return (layout.contiguous and layout.sliding_window is None
-                and layout.cu_seqlens.numel() == layout.batch + 1 and bool(torch.equal(layout.cu_seqlens, rows)))
+        return plain_causal_rows(layout)  # without a host sync
 
     @classmethod
     def supports(cls, q: torch.Tensor, layout: TokenLayout) -> bool:

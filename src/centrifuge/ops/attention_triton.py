@@ -507,6 +507,102 @@ def _precision_args(dtype: torch.dtype):
     return "tf32", tl.float32  # 16-bit operands: the precision flag only matters for fp32 operands
 
 
+# --------------------------------------------------------------------------------------------------------
+# Forward through the dense model's own SDPA kernels (plain causal rows): output and log-sum-exp
+# --------------------------------------------------------------------------------------------------------
+
+# Tried in this order by ``sdpa_forward="auto"``: cuDNN and FlashAttention-2 with native GQA (K / V with
+# Hkv heads), then cuDNN on K / V repeated to H heads (costs a copy of K and V).
+SDPA_FORWARDS = ("cudnn", "flash", "cudnn_repeat")
+_SDPA_STATUS: dict[tuple, str] = {}  # (impl, device, dtype, H, Hkv, D) -> "ok" or why not (self-check)
+
+
+def plain_causal_rows(layout: TokenLayout) -> bool:
+    """True when every batch row is one causal sequence (no packing, padding or sliding window).
+
+    Sync-free: segments never cross batch rows and every row has at least one, so B segments means one
+    per row, i.e. ``cu_seqlens == [0, T, 2T, ...]`` (a padded row of T >= 2 has one segment per padding
+    token; a row of one padding token attends to itself, as plain causal attention does)."""
+    return (layout.contiguous and layout.sliding_window is None
+            and layout.cu_seqlens.numel() == layout.batch + 1)
+
+
+def _sdpa_forward(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, B: int, T: int, scale: float):
+    """One SDPA kernel on [B, T] plain causal rows: q [N, H, D], k / v [N, Hkv, D] (N = B·T) →
+    o [N, H, D] (q's dtype), lse [N, H] fp32 (natural log of the softmax denominators, scale included)."""
+    N, H, D = q.shape
+    Hkv = k.shape[1]
+    qb = q.view(B, T, H, D).transpose(1, 2)
+    kb = k.view(B, T, Hkv, D).transpose(1, 2)
+    vb = v.view(B, T, Hkv, D).transpose(1, 2)
+    if impl.endswith("_repeat") and Hkv != H:
+        kb, vb = kb.repeat_interleave(H // Hkv, dim=1), vb.repeat_interleave(H // Hkv, dim=1)
+    if impl.startswith("cudnn"):
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, None, True, 0.0, True, False,
+                                                                 scale=scale)
+    elif impl == "flash":
+        out = torch.ops.aten._scaled_dot_product_flash_attention(qb, kb, vb, 0.0, True, False, scale=scale)
+    elif impl == "flash_cpu":  # tests on the CPU machine: the same plumbing around the CPU flash kernel
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, True, scale=scale)
+    else:
+        raise ValueError(f"unknown SDPA forward {impl!r}; choose from {SDPA_FORWARDS}")
+    ob, lse = out[0], out[1]
+    if tuple(ob.shape) != (B, H, T, D) or ob.dtype != q.dtype:
+        raise RuntimeError(f"SDPA {impl}: output {tuple(ob.shape)} {ob.dtype}, expected {(B, H, T, D)} {q.dtype}")
+    if lse.dim() == 4 and lse.shape[-1] == 1:
+        lse = lse.squeeze(-1)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if lse.dim() != 3 or tuple(lse.shape[:2]) != (B, H) or lse.shape[2] < T or lse.dtype != lse_dtype:
+        raise RuntimeError(f"SDPA {impl}: log-sum-exp {tuple(lse.shape)} {lse.dtype}, expected {(B, H, T)} "
+                           f"{lse_dtype}")
+    o = ob.transpose(1, 2).reshape(N, H, D).contiguous()
+    lse = lse[:, :, :T].transpose(1, 2).reshape(N, H).contiguous()
+    return o, lse
+
+
+def sdpa_forward_status() -> dict[tuple, str]:
+    """Self-check results so far: (impl, device, dtype, H, Hkv, D) → "ok" or why the path is not used."""
+    return dict(_SDPA_STATUS)
+
+
+def _sdpa_self_check(impl: str, device: torch.device, dtype: torch.dtype, H: int, Hkv: int, D: int) -> str:
+    """Run ``impl`` once on a small random problem against an fp32 reference: "ok" or the reason it failed
+    (an exception, or o / lse off: a wrong lse would give wrong gradients without an error)."""
+    key = (impl, str(device), dtype, H, Hkv, D)
+    if key not in _SDPA_STATUS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return "not checked yet (CUDA graph capture in progress)"  # not cached: checked on a later call
+        try:
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                _SDPA_STATUS[key] = _sdpa_check_once(impl, device, dtype, H, Hkv, D)
+        except Exception as e:  # not available in this build / for these shapes
+            _SDPA_STATUS[key] = f"{type(e).__name__}: {str(e)[:300]}"
+    return _SDPA_STATUS[key]
+
+
+def _sdpa_check_once(impl: str, device: torch.device, dtype: torch.dtype, H: int, Hkv: int, D: int) -> str:
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    B, T = 2, 136  # not a multiple of any tile
+    q = torch.randn(B * T, H, D, generator=gen).to(device, dtype)
+    k = torch.randn(B * T, Hkv, D, generator=gen).to(device, dtype)
+    v = torch.randn(B * T, Hkv, D, generator=gen).to(device, dtype)
+    scale = D ** -0.5
+    o, lse = _sdpa_forward(impl, q, k, v, B, T, scale)
+    qf = q.double().view(B, T, H, D).transpose(1, 2)  # float64: no TF32 in the reference
+    kf = k.double().view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    vf = v.double().view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    sc = (qf @ kf.transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=device).tril(), float("-inf"))
+    lse_ref = torch.logsumexp(sc, -1)
+    o_ref = (torch.softmax(sc, -1) @ vf).transpose(1, 2).reshape(B * T, H, D)
+    lse_ref = lse_ref.transpose(1, 2).reshape(B * T, H)
+    o_err = ((o.double() - o_ref).norm() / o_ref.norm()).item()
+    lse_err = (lse - lse_ref).abs().max().item()
+    if not (o_err < 2e-2 and lse_err < 1e-2):  # NaN fails too
+        return f"self-check failed: o rel err {o_err:.2e}, lse max abs err {lse_err:.2e}"
+    return "ok"
+
+
 class TritonKeptAttention:
     """Triton backend: varlen causal forward on all rows, fused backward on the kept rows only.
 
@@ -514,18 +610,32 @@ class TritonKeptAttention:
     given full rows). Inputs fp16 / bf16 (fp32 accumulation), fp32 (full-precision dots) or fp64 (tests,
     interpreter); head dim in ``SUPPORTED_HEAD_DIMS``; contiguous segments.
 
+    The forward of plain causal rows (``plain_causal_rows``) on CUDA in fp16 / bf16 runs the dense model's own
+    SDPA kernels (cuDNN or FlashAttention-2, through the private aten ops that also return the log-sum-exp);
+    other layouts and dtypes run our varlen Triton forward. ``last_forward`` names the path the latest
+    ``forward`` took ("triton" or one of ``SDPA_FORWARDS``).
+
     Args:
-        configs: optional override of ``DEFAULT_CONFIGS`` entries, ``{head_dim: {"fwd"|"dq"|"dkdv":
+        configs: optional override of ``DEFAULT_CONFIGS`` entries, ``{head_dim: {"fwd"|"dq"|"dkdv"|"dqf"|"kk":
             (BLOCK_OUT, BLOCK_INNER, num_warps, num_stages)}}`` (tests use 16-wide tiles, benchmarks sweep).
+        sdpa_forward: "auto" (the first of ``SDPA_FORWARDS`` that passes a one-time self-check against an
+            fp32 reference, else Triton), one of ``SDPA_FORWARDS`` (that one or a ``RuntimeError`` where it
+            applies), or "off" (always the Triton forward). "flash_cpu" (tests): PyTorch's CPU flash kernel,
+            any device check skipped.
     """
 
     name = "triton"
     needs_full_queries = False
 
-    def __init__(self, configs: dict[int, dict[str, tuple[int, int, int, int]]] | None = None):
+    def __init__(self, configs: dict[int, dict[str, tuple[int, int, int, int]]] | None = None,
+                 sdpa_forward: str = "auto"):
         self.configs = {d: dict(c) for d, c in DEFAULT_CONFIGS.items()}
         for d, c in (configs or {}).items():
             self.configs.setdefault(d, {}).update(c)
+        if sdpa_forward not in ("auto", "off", "flash_cpu", *SDPA_FORWARDS):
+            raise ValueError(f"sdpa_forward must be auto, off or one of {SDPA_FORWARDS}, got {sdpa_forward!r}")
+        self.sdpa_forward = sdpa_forward
+        self.last_forward: str | None = None
 
     # ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -565,6 +675,26 @@ class TritonKeptAttention:
         N, H, D = q.shape
         Hkv = k.shape[1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if (self.sdpa_forward != "off" and N > 0 and plain_causal_rows(layout)
+                and (self.sdpa_forward == "flash_cpu" or (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)))):
+            impls = SDPA_FORWARDS if self.sdpa_forward == "auto" else (self.sdpa_forward,)
+            why = {}
+            for impl in impls:
+                status = _sdpa_self_check(impl, q.device, q.dtype, H, Hkv, D)
+                if status == "ok":
+                    try:
+                        o, lse = _sdpa_forward(impl, q, k, v, layout.batch, layout.seqlen, scale)
+                    except Exception as e:
+                        if self.sdpa_forward != "auto":
+                            raise
+                        why[impl] = f"{type(e).__name__}: {str(e)[:200]}"
+                        continue
+                    self.last_forward = impl
+                    return o, lse
+                why[impl] = status
+            if self.sdpa_forward != "auto":
+                raise RuntimeError(f"SDPA forward {self.sdpa_forward!r} unavailable: {why}")
+        self.last_forward = "triton"
         o = torch.empty_like(q)
         lse = torch.empty(N, H, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
                           device=q.device)

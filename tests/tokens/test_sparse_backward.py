@@ -155,6 +155,18 @@ def test_lower_precision_tolerances(dtype, tol, gen):
     assert max_rel_err(got, ref) < tol
 
 
+def test_bf16_autocast_with_fp32_weights(gen):
+    """Mixed precision as `centrifuge train` runs it on GPUs: fp32 weights, bf16 autocast."""
+    model = tiny_model("llama", dtype=torch.float32)
+    ids, keep = random_batch(gen, B=2, T=21)
+    grads = {}
+    for mode in ("reference", "fast"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, grads[mode] = run_mode(model, mode, input_ids=ids, labels=ids, keep_mask=keep)
+    assert all(torch.isfinite(g).all() for g in grads["fast"].values())
+    assert max_rel_err(grads["fast"], grads["reference"]) < 6e-2
+
+
 def test_loss_normalized_by_global_count_across_accumulation(gen):
     """Two micro-batches with num_items_in_batch = the global kept count give one big batch's gradient."""
     model = tiny_model("llama")

@@ -48,7 +48,9 @@ def attention_inputs(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, cos: tor
     if spec.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = spec.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-    return q, k, v
+    # Under autocast the projections are bf16 but fp32 RoPE tables promote q / k to fp32; attention then
+    # runs in the projections' dtype, as autocast's SDPA does in the dense model.
+    return q.to(v.dtype), k.to(v.dtype), v
 
 
 def layer_output(layer: nn.Module, x: torch.Tensor, o: torch.Tensor, linear: Linear) -> torch.Tensor:
@@ -224,7 +226,8 @@ class _TokenSparseLayer(torch.autograd.Function):
         q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record)
         backend = choose_backend(step.attention, q, step.layout)
         scale = layer.self_attn.scaling
-        o, aux = backend.forward(q, k, v, step.layout, scale)
+        with torch.autocast(device_type, enabled=False):  # backends pick their own precision
+            o, aux = backend.forward(q, k, v, step.layout, scale)
         y = layer_output(layer, x, o, record)
 
         # What to keep: row-wise tensors (all rows, or kept rows when the keep set is known already),
@@ -267,10 +270,11 @@ class _TokenSparseLayer(torch.autograd.Function):
             o_for_bwd = rowwise["o"]
 
         def attention_backward(do_k):
-            return backend.backward_kept(
-                do_k, q=q_for_bwd, k=k_full, v=v_full, o=o_for_bwd, aux=aux, keep=keep,
-                layout=step.layout, scale=ctx.scale, queries_compact=compact_queries,
-            )
+            with torch.autocast(do_k.device.type, enabled=False):  # backends pick their own precision
+                return backend.backward_kept(
+                    do_k.to(v_full.dtype), q=q_for_bwd, k=k_full, v=v_full, o=o_for_bwd, aux=aux, keep=keep,
+                    layout=step.layout, scale=ctx.scale, queries_compact=compact_queries,
+                )
 
         dy = dense_rows(grad_y, keep)
         layer, spec = ctx.layer, ctx.spec

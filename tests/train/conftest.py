@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 # A 2-layer, 64-wide Llama with a 512-token vocabulary, 64-token sequences: a step takes ~10 ms.
 FAST = [
@@ -20,15 +19,6 @@ FAST = [
     "log.tensorboard=false",
     "eval.max_batches=2",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from two, and the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Bench tests run tiny models: one intra-op thread avoids oversubscription on shared 2-core machines."""
+"""Shared by every test: tiny models on a shared 2-core machine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and the CPU is shared."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -8,8 +8,10 @@ Steps (fails loudly, exit code 1, on any wrong or non-finite result):
 
 1. correctness on small shapes against the math backend (float32 reference on the same bf16 inputs):
    relative error ‖got − ref‖ / ‖ref‖ of o, lse, dq, dk, dv; packed documents, GQA, sliding window;
-2. a short tile sweep at S = 16k, κ = 0.5 for the forward, the dQ kernel and the dK/dV kernel
-   (``TritonKeptAttention(configs)``), keeping the fastest of each;
+2. a short tile sweep at S = 16k, κ = 0.5 for our Triton forward, the filtered-key dQ kernel (``dqf``) and the
+   kept-kept kernel (``kk``) (``TritonKeptAttention(configs)``), keeping the fastest of each; and the same
+   problem with the version-1 backward (``split_backward = False``: dq over all keys + dkdv recomputing S and
+   dP of kept pairs) at its tiles, for the before/after of the recompute removal;
 3. the table at the TinyLlama attention shape (H = 32, Hkv = 4, D = 64, bf16) for S = 2k, 4k, 16k, 32k tokens
    per sequence (B = ceil(16384 / S)) and κ = 0.3, 0.5, 0.7 (exactly round(κ·S) random kept rows per
    sequence), timing with ``triton.testing.do_bench`` (CUDA events, L2 flushed, median with p20/p80):
@@ -18,7 +20,10 @@ Steps (fails loudly, exit code 1, on any wrong or non-finite result):
    * ``stock``: ``FlashVarlenAttention.backward_kept`` (FA2 varlen backward on all rows, dO = 0 on
      filtered queries, then the kept rows gathered);
    * ``ours``: ``TritonKeptAttention.backward_kept`` with compact q / o / lse (the layer's case), everything
-     it launches included (searchsorted, allocations, both kernels);
+     it launches included (searchsorted, the filtered-row list, allocations, both kernels, the dQ cast);
+   * forwards: SDPA's public forward, our Triton forward (``sdpa_forward="off"``), each of the private SDPA
+     ops that return the log-sum-exp (cuDNN, flash, cuDNN on repeated K / V) where its self-check passes, and
+     the backend's "auto" forward (which of them it took is printed);
    and the kept-row gradients of ``ours`` are compared with ``stock`` at every shape (bf16 vs bf16).
 
 FLOP counts (per query head, summed over the H query heads; a GEMM over one visible (query, key) pair with
@@ -29,7 +34,8 @@ head dim D costs 2·D FLOPs):
 * SDPA full backward (FlashAttention convention, 2.5 × the forward's 4·D·pairs): 10·D·pairs·H;
 * ours, useful: 2·D·H·(3·Pq + 2·Pkk): S = QKᵀ recomputed, dP = dO·Vᵀ and dQ = dS·K for every kept query
   and key, plus dV = Pᵀ·dO and dK = dSᵀ·Q for kept keys only (same convention as the SDPA count);
-* ours, executed: 2·D·H·(3·Pq + 4·Pkk): the dK/dV kernel recomputes S and dP for kept-kept pairs.
+* ours, executed: 2·D·H·(3·Pq + 2·Pkk) since the split backward (version 1 recomputed S and dP of kept-kept
+  pairs: 3·Pq + 4·Pkk).
 At κ = 0.5 the useful work is ≈ 0.4 of SDPA's (3·0.5 + 2·0.25 = 2.0 of 5 GEMMs) and the executed ≈ 0.5, so the
 target ratio 0.45× at S = 16k needs the kernels to run at about SDPA's FLOP rate.
 """
@@ -73,7 +79,12 @@ except Exception as e:  # pragma: no cover
 
 from centrifuge.ops import attention_triton  # noqa: E402
 from centrifuge.ops.attention import FlashVarlenAttention, MathAttention  # noqa: E402
-from centrifuge.ops.attention_triton import DEFAULT_CONFIGS, TritonKeptAttention  # noqa: E402
+from centrifuge.ops.attention_triton import (  # noqa: E402
+    DEFAULT_CONFIGS,
+    SDPA_FORWARDS,
+    TritonKeptAttention,
+    sdpa_forward_status,
+)
 from centrifuge.tokens.layout import TokenLayout  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -110,7 +121,8 @@ def flops(B: int, S: int, keep: torch.Tensor) -> dict:
     return {
         "sdpa_full": 10 * D * pairs * H,
         "useful": 2 * D * H * (3 * pq + 2 * pkk),
-        "executed": 2 * D * H * (3 * pq + 4 * pkk),
+        "executed": 2 * D * H * (3 * pq + 2 * pkk),
+        "executed_v1": 2 * D * H * (3 * pq + 4 * pkk),
     }
 
 
@@ -164,18 +176,24 @@ def _check_small(results: dict) -> None:
         scale = c["Dh"] ** -0.5
         o_ref, lse_ref = math_b.forward(q, k, v, layout, scale)
         o, lse = tri.forward(q, k, v, layout, scale)
+        fwd_path = tri.last_forward
+        own = TritonKeptAttention(sdpa_forward="off")
+        o_own, lse_own = own.forward(q, k, v, layout, scale)
         keep = torch.nonzero(torch.rand(N, generator=gen) < 0.5).flatten().to(DEV)
         do = torch.randn(keep.numel(), c["Hq"], c["Dh"], generator=gen).to(DEV, DTYPE)
         ref = math_b.backward_kept(do, q=q, k=k, v=v, o=o_ref, aux=lse_ref, keep=keep, layout=layout, scale=scale,
                                    queries_compact=False)
         got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o_ref[keep], aux=lse_ref[keep], keep=keep,
                                 layout=layout, scale=scale, queries_compact=True)
-        errs = {"o": rel(o, o_ref, f"{name} o"), "lse": rel(lse, lse_ref, f"{name} lse")}
+        errs = {"o": rel(o, o_ref, f"{name} o"), "lse": rel(lse, lse_ref, f"{name} lse"),
+                "o_vs_triton_fwd": rel(o, o_own, f"{name} o vs triton fwd"),
+                "lse_vs_triton_fwd": rel(lse, lse_own, f"{name} lse vs triton fwd")}
         for n_, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
             errs[n_] = rel(g, r, f"{name} {n_}")
-        results["correctness"][name] = errs
-        print(f"correctness {name:7s} " + " ".join(f"{n_}={e:.2e}" for n_, e in errs.items()), flush=True)
-        bad = {n_: e for n_, e in errs.items() if e > (1e-3 if n_ == "lse" else 2e-2)}
+        results["correctness"][name] = {**errs, "forward": fwd_path}
+        print(f"correctness {name:7s} fwd={fwd_path} " + " ".join(f"{n_}={e:.2e}" for n_, e in errs.items()),
+              flush=True)
+        bad = {n_: e for n_, e in errs.items() if e > (1e-3 if n_.startswith("lse") else 2e-2)}
         if bad:
             die(f"correctness {name}: relative errors too large {bad}")
 
@@ -226,20 +244,20 @@ def our_case(p: Problem, tri: TritonKeptAttention, keep: torch.Tensor, o, lse):
 
 def sweep(p: Problem, keep: torch.Tensor, results: dict) -> dict:
     """Fastest tile per kernel at this problem; returns a configs override for TritonKeptAttention."""
-    best = {k: DEFAULT_CONFIGS[D][k] for k in ("fwd", "dq", "dkdv")}
+    best = {k: DEFAULT_CONFIGS[D][k] for k in ("fwd", "dqf", "kk")}
     cands = {
         "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 4)],
-        "dkdv": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+        "dqf": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 4)],
+        "kk": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
     }
     sweep_rows = []
-    for kern in ("fwd", "dq", "dkdv"):
+    for kern in ("fwd", "dqf", "kk"):
         timings = {}
         for cfg in cands[kern]:
             if time.time() - T0 > BUDGET_S * 0.6:
                 print(f"sweep: time budget reached, skipping the rest of {kern}", flush=True)
                 break
-            tri = TritonKeptAttention({D: {**best, kern: cfg}})
+            tri = TritonKeptAttention({D: {**best, kern: cfg}}, sdpa_forward="off")
             try:
                 if kern == "fwd":
                     r = bench(lambda tri=tri: tri.forward(p.q, p.k, p.v, p.layout, p.scale), f"fwd {cfg}")
@@ -256,9 +274,35 @@ def sweep(p: Problem, keep: torch.Tensor, results: dict) -> dict:
             print(f"sweep {kern:4s} {cfg}: {r['ms']:.3f} ms", flush=True)
         if timings:
             best[kern] = min(timings, key=timings.get)
-    results["sweep"] = {"S": p.S, "B": p.B, "kappa": 0.5, "rows": sweep_rows, "best": best}
+    # version 1 (recompute of kept-kept S and dP) at its default tiles, same problem: before / after
+    v1 = TritonKeptAttention(sdpa_forward="off")
+    v1.split_backward = False
+    o, lse = v1.forward(p.q, p.k, p.v, p.layout, p.scale)
+    run_v1, _ = our_case(p, v1, keep, o, lse)
+    r_v1 = bench(run_v1, "v1 backward (dq + dkdv)")
+    print(f"sweep v1 backward (dq {DEFAULT_CONFIGS[D]['dq']} + dkdv {DEFAULT_CONFIGS[D]['dkdv']}): "
+          f"{r_v1['ms']:.3f} ms", flush=True)
+    results["sweep"] = {"S": p.S, "B": p.B, "kappa": 0.5, "rows": sweep_rows, "best": best, "v1_backward": r_v1}
     print(f"sweep best: {best}", flush=True)
     return {D: best}
+
+
+def forward_timings(p: Problem, tri: TritonKeptAttention) -> dict:
+    """Median forward times: our Triton forward, each private SDPA op that passes its self-check, "auto"."""
+    out = {}
+    own = TritonKeptAttention(tri.configs, sdpa_forward="off")
+    out["triton"] = bench(lambda: own.forward(p.q, p.k, p.v, p.layout, p.scale), "fwd triton")
+    for impl in SDPA_FORWARDS:
+        alt = TritonKeptAttention(tri.configs, sdpa_forward=impl)
+        try:
+            alt.forward(p.q, p.k, p.v, p.layout, p.scale)
+        except Exception as e:
+            out[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        out[impl] = bench(lambda alt=alt: alt.forward(p.q, p.k, p.v, p.layout, p.scale), f"fwd {impl}")
+    out["auto"] = bench(lambda: tri.forward(p.q, p.k, p.v, p.layout, p.scale), "fwd auto")
+    out["auto"]["path"] = tri.last_forward
+    return out
 
 
 def main() -> None:
@@ -291,11 +335,21 @@ def main() -> None:
         for S in SEQS:
             p = problems.pop(S, None) or Problem(S, gen)
             sd = p.sdpa_backward()
-            fwd_ours = bench(lambda p=p: tri.forward(p.q, p.k, p.v, p.layout, p.scale), "ours_fwd")
+            fwds = forward_timings(p, tri)
+            fwd_ours = fwds["auto"]
+            print(f"S={S:6d} forward ms: sdpa {sd['fwd']['ms']:.3f}, " + ", ".join(
+                f"{n_} {r_['ms']:.3f}" if "ms" in r_ else f"{n_} unavailable" for n_, r_ in fwds.items())
+                + f" (auto = {fwds['auto']['path']})", flush=True)
             o, lse = tri.forward(p.q, p.k, p.v, p.layout, p.scale)
             fwd_err = rel(o, p.o_flash, f"S={S} forward o vs flash")
             if fwd_err > 2e-2:
                 die(f"S={S}: our forward differs from flash by {fwd_err:.3e}")
+            if tri.last_forward != "triton":  # the lse the backward reads: SDPA's vs our Triton forward's
+                _, lse_own = TritonKeptAttention(tri.configs, sdpa_forward="off").forward(p.q, p.k, p.v, p.layout,
+                                                                                          p.scale)
+                lse_err = rel(lse, lse_own, f"S={S} lse {tri.last_forward} vs triton")
+                if lse_err > 1e-3:
+                    die(f"S={S}: lse of the {tri.last_forward} forward differs from ours by {lse_err:.3e}")
             for kappa in KAPPAS:
                 keep = kept_rows(p.B, S, kappa, gen)
                 run, do_k = our_case(p, tri, keep, o, lse)
@@ -316,7 +370,8 @@ def main() -> None:
                 fl = flops(p.B, S, keep)
                 row = {
                     "S": S, "B": p.B, "kappa": kappa, "M": keep.numel(),
-                    "sdpa_bwd": sd["bwd"], "sdpa_fwd": sd["fwd"], "ours_fwd": fwd_ours, "stock": t_stock,
+                    "sdpa_bwd": sd["bwd"], "sdpa_fwd": sd["fwd"], "ours_fwd": fwd_ours, "forwards": fwds,
+                    "forward_path": fwds["auto"]["path"], "stock": t_stock,
                     "ours": t_ours, "ours_default_tiles": t_default, "err_vs_stock": errs, "fwd_err_vs_flash": fwd_err,
                     "flops": fl,
                     "ratio_ours_sdpa": t_ours["ms"] / sd["bwd"]["ms"],
@@ -324,6 +379,7 @@ def main() -> None:
                     "tflops_sdpa": fl["sdpa_full"] / sd["bwd"]["ms"] / 1e9,
                     "tflops_ours_useful": fl["useful"] / t_ours["ms"] / 1e9,
                     "tflops_ours_executed": fl["executed"] / t_ours["ms"] / 1e9,
+                    "ratio_fwd_ours_sdpa": fwd_ours["ms"] / sd["fwd"]["ms"],
                     "useful_fraction_of_sdpa": fl["useful"] / fl["sdpa_full"],
                 }
                 results["rows"].append(row)
@@ -341,22 +397,29 @@ def main() -> None:
         traceback.print_exc()
         die("exception (see the traceback above)")
     results["elapsed_s"] = time.time() - T0
+    results["sdpa_forward_status"] = {str(k_): v_ for k_, v_ in sdpa_forward_status().items()}
     dump()
 
     # the table, last
     print(f"\nresults in {out_dir / 'attention_kernel.json'}; tiles used: {results['sweep']['best']}")
     print("H=32 Hkv=4 D=64 bf16; times are medians in ms; ratios to SDPA's full causal backward; TFLOP/s: SDPA on "
-          "10·D·pairs·H, ours on useful 2·D·H·(3Pq+2Pkk) / executed 2·D·H·(3Pq+4Pkk); flops = useful / SDPA FLOPs")
+          "10·D·pairs·H, ours on useful = executed 2·D·H·(3Pq+2Pkk) (v1 executed 3Pq+4Pkk); flops = useful / SDPA "
+          "FLOPs; fwd ours = the backend's auto forward")
+    print(f"SDPA forward self-checks: {results['sdpa_forward_status']}")
+    sw = results["sweep"]
+    print(f"S=16k kappa=0.5 backward: v1 (recompute) {sw['v1_backward']['ms']:.3f} ms; sweep rows: " + ", ".join(
+        f"{r_['kernel']} {tuple(r_['config'])} {r_['ms']:.3f}" for r_ in sw["rows"] if "ms" in r_))
     hdr = (f"{'S':>6} {'B':>2} {'kappa':>5} | {'sdpa_bwd':>8} {'stock':>8} {'ours':>8} | {'stock/sdpa':>10} "
            f"{'ours/sdpa':>9} {'flops':>6} | {'TF sdpa':>7} {'TF useful':>9} {'TF exec':>7} | {'fwd sdpa':>8} "
-           f"{'fwd ours':>8} | {'err':>7}")
+           f"{'fwd ours':>8} {'fwd path':>12} | {'err':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in results["rows"]:
         print(f"{r['S']:>6} {r['B']:>2} {r['kappa']:>5} | {r['sdpa_bwd']['ms']:>8.3f} {r['stock']['ms']:>8.3f} "
               f"{r['ours']['ms']:>8.3f} | {r['ratio_stock_sdpa']:>10.3f} {r['ratio_ours_sdpa']:>9.3f} "
               f"{r['useful_fraction_of_sdpa']:>6.3f} | {r['tflops_sdpa']:>7.0f} {r['tflops_ours_useful']:>9.0f} "
-              f"{r['tflops_ours_executed']:>7.0f} | {r['sdpa_fwd']['ms']:>8.3f} {r['ours_fwd']['ms']:>8.3f} | "
+              f"{r['tflops_ours_executed']:>7.0f} | {r['sdpa_fwd']['ms']:>8.3f} {r['ours_fwd']['ms']:>8.3f} "
+              f"{r['forward_path']:>12} | "
               f"{max(r['err_vs_stock'].values()):>7.1e}")
     target = [r for r in results["rows"] if r["S"] == 16384 and r["kappa"] == 0.5]
     if target:

@@ -163,16 +163,21 @@ def check_backward(layout, keep, H, Hkv, D, dtype, gen, configs, compact: bool):
         qq, oo, ll = q[keep], o[keep], lse[keep]
     else:
         qq, oo, ll = q, o, lse
-    got = TritonKeptAttention(configs).backward_kept(
-        do, q=qq, k=k, v=v, o=oo, aux=ll, keep=keep, layout=layout, scale=scale, queries_compact=compact)
     ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o, aux=lse, keep=keep, layout=layout, scale=scale,
                              queries_compact=False)
-    for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
-        assert g.shape == r.shape, (name, g.shape, r.shape)
-        assert g.dtype == dtype
-        if M:
-            err = rel(g, r)
-            assert err < TOL[dtype], (name, err)
+    for split in (True, False):  # the split backward (no window) and the version-1 recompute one
+        tri = TritonKeptAttention(configs)
+        tri.split_backward = split
+        got = tri.backward_kept(
+            do, q=qq, k=k, v=v, o=oo, aux=ll, keep=keep, layout=layout, scale=scale, queries_compact=compact)
+        for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            assert g.shape == r.shape, (name, g.shape, r.shape)
+            assert g.dtype == dtype
+            if M:
+                err = rel(g, r)
+                assert err < TOL[dtype], (split, name, err)
+        if layout.sliding_window is not None:
+            break  # a window always takes the recompute kernels
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -636,6 +636,9 @@ class TritonKeptAttention:
             raise ValueError(f"sdpa_forward must be auto, off or one of {SDPA_FORWARDS}, got {sdpa_forward!r}")
         self.sdpa_forward = sdpa_forward
         self.last_forward: str | None = None
+        # False: the version-1 backward (dq over all keys, dkdv recomputing S and dP of kept pairs) also
+        # without a window; benchmarks compare the two.
+        self.split_backward = True
 
     # ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -757,7 +760,7 @@ class TritonKeptAttention:
         dv = torch.empty(M, Hkv, D, dtype=v.dtype, device=q.device)
         most = min(layout.max_seqlen, M)  # kept rows of one segment, an upper bound known without a sync
 
-        if not has_window:
+        if not has_window and self.split_backward:
             return self._backward_split(do_k, q, k, v, o, lse, keep, cu, kcu, layout, scale, most, kernels,
                                         prec, acc, acc_t, delta, dk, dv)
         # Sliding window: dQ over all visible keys, then dK / dV recomputing S and dP of kept pairs.

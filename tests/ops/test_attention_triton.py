@@ -32,7 +32,8 @@ SMALL = {d: {k: (16, 16, 4, 1) for k in ("fwd", "dq", "dkdv", "dqf", "kk")} for 
 MIXED = {d: {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1), "dqf": (16, 32, 4, 1),
              "kk": (32, 16, 4, 1)} for d in (16, 32, 64, 128)}
 DTYPES = [torch.float32] if _CUDA else [torch.float64, torch.float32]
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+# On a GPU, Triton's float32 dot products run in TF32 (relative error ~3e-4); the interpreter is exact fp32.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-3 if _CUDA else 2e-5}
 MATH = MathAttention()
 
 

@@ -33,7 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import ModelOutput
 
 from centrifuge.models.registry import ArchSpec
-from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss
+from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss, token_loss_no_grad
 from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState, token_sparse_layer
 from centrifuge.tokens.layout import TokenLayout
 
@@ -75,6 +75,12 @@ class TokenFilterOutput(ModelOutput):
 def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.lm_head
     return head.weight, head.bias
+
+
+def _lm_head_args(model: nn.Module, targets: torch.Tensor):
+    """(weight, targets, bias) for the per-token loss functions."""
+    weight, bias = _lm_head(model)
+    return weight, targets, bias
 
 
 def _token_loss_rows(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -188,9 +194,9 @@ def fast_forward(
         h = token_sparse_layer(h, layer, spec, step, idx)
 
     all_loss = None
-    if select is not None or return_token_loss:
+    if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
         with torch.no_grad():
-            all_loss = _token_loss_rows(model, h, batch.targets)
+            all_loss = token_loss_no_grad(model.model.norm(h), *_lm_head_args(model, batch.targets))
     if select is not None:
         keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
         step.keep = keep_rows
@@ -249,7 +255,7 @@ def reference_forward(
         # no-grad forward on it (it is an oracle, not a fast path).
         with torch.no_grad():
             normed = _hf_hidden(model, input_ids, attention_mask, position_ids)
-            all_loss = _normed_token_loss(model, normed, batch.targets)
+            all_loss = token_loss_no_grad(normed, *_lm_head_args(model, batch.targets))
     if select is not None:
         keep_mask = _select(select, batch, all_loss)
     if keep_mask is None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from token_models import VOCAB, tiny_model
 
 from centrifuge.cli.main import main as cli_main
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, _liger_available, shift_labels, token_loss_no_grad
@@ -23,7 +24,6 @@ from centrifuge.tokens.reference import (
     write_reference_scores,
 )
 from centrifuge.train.data import TokenizedDocument, pack_documents
-from conftest import VOCAB, tiny_model
 
 TOK = "tok-hash-a"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from token_models import VOCAB, grads_of, max_rel_err, tiny_model
 
 import centrifuge
 from centrifuge.tokens import selectors as S
 from centrifuge.tokens.forward import EmptySelectionError
 from centrifuge.tokens.reference import OnlineReference
-from conftest import VOCAB, grads_of, max_rel_err, tiny_model
 
 T_ = True
 F_ = False

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from token_models import VOCAB, grads_of, max_rel_err, run_mode, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import centrifuge
 from centrifuge.tokens import selectors
-from conftest import VOCAB, grads_of, max_rel_err, run_mode, tiny_model
 
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
 

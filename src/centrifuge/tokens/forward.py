@@ -77,16 +77,17 @@ def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
-def _lm_head_args(model: nn.Module, targets: torch.Tensor):
-    """(weight, targets, bias) for the per-token loss functions."""
+def _score_rows(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row CE [R] (fp32), no gradient, of rows already through the final norm (fused on CUDA if liger
+    is installed, chunked otherwise)."""
     weight, bias = _lm_head(model)
-    return weight, targets, bias
+    return token_loss_no_grad(normed, weight, targets, bias)
 
 
-def _token_loss_rows(model: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row CE [R] (fp32) of final hidden rows h [R, d] (before the final norm)."""
+def _normed_token_loss(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-row CE [R] (fp32, differentiable) of rows already through the final norm."""
     weight, bias = _lm_head(model)
-    return token_loss(model.model.norm(h), weight, targets, bias)
+    return token_loss(normed, weight, targets, bias)
 
 
 def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -196,13 +197,13 @@ def fast_forward(
     all_loss = None
     if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
         with torch.no_grad():
-            all_loss = token_loss_no_grad(model.model.norm(h), *_lm_head_args(model, batch.targets))
+            all_loss = _score_rows(model, model.model.norm(h), batch.targets)
     if select is not None:
         keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
         step.keep = keep_rows
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
-    loss_sum = _token_loss_rows(model, h_kept, kept_targets).sum()
+    loss_sum = _normed_token_loss(model, model.model.norm(h_kept), kept_targets).sum()
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
 
 
@@ -228,16 +229,10 @@ AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)
 
 
 def _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
-    """Final hidden states [N, d] *before* the final norm, through the HF model's own forward."""
+    """Final hidden states [N, d] after the final norm, through the HF model's own forward."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False, **kwargs)
-    # HF applies the final norm inside model.model; undo nothing — return normed rows with a flag.
     return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-
-
-def _normed_token_loss(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    weight, bias = _lm_head(model)
-    return token_loss(normed, weight, targets, bias)
 
 
 def reference_forward(
@@ -255,7 +250,7 @@ def reference_forward(
         # no-grad forward on it (it is an oracle, not a fast path).
         with torch.no_grad():
             normed = _hf_hidden(model, input_ids, attention_mask, position_ids)
-            all_loss = token_loss_no_grad(normed, *_lm_head_args(model, batch.targets))
+            all_loss = _score_rows(model, normed, batch.targets)
     if select is not None:
         keep_mask = _select(select, batch, all_loss)
     if keep_mask is None:

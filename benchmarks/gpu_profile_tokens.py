@@ -6,6 +6,7 @@ import statistics
 import sys
 
 import torch
+from gpu_smoke_tokens import cuda_time  # run as a script from benchmarks/: same CUDA-event timer
 from torch.profiler import ProfilerActivity, profile
 
 import centrifuge
@@ -13,17 +14,7 @@ from centrifuge.models.presets import build_model, preset_config
 
 
 def timed(fn, reps=5, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    return statistics.median(cuda_time(fn, reps=reps, warmup=warmup))
 
 
 def main(out_dir: str, layers: int = 22) -> None:

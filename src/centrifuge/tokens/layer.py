@@ -14,6 +14,12 @@ One recipe (``attention_inputs`` + ``layer_output``) describes a Llama-family de
 
 Between layers the gradient travels as a row-sparse COO tensor (indices = kept rows, values [M, d]), so no
 zero-filled [N, d] gradient is ever built between layers.
+
+Neuron omission composes with this: when an ``Omitter`` (``centrifuge.neurons``) has set a plan on the layer,
+every linear layer of both passes uses the plan's sliced weights (kept MLP channels, kept KV groups' heads),
+so the backward GEMMs shrink in both M (kept tokens) and N or K (kept neurons); attention runs on the kept
+heads only. The layer's importance statistics are gathered from the full-row forward, as the omission
+path's own forwards would.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from centrifuge.models.registry import ArchSpec
+from centrifuge.neurons.layers import STATE_ATTR as OMISSION_ATTR
+from centrifuge.neurons.layers import LayerOmission
+from centrifuge.neurons.plan import LayerPlan
 from centrifuge.ops.attention import choose_backend
 from centrifuge.tokens.layout import TokenLayout
 
@@ -190,12 +200,43 @@ class _SavedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _saved_linear(outputs: dict[str, torch.Tensor]) -> Linear:
+def _sliced_params(module: nn.Module, name: str, plan: LayerPlan | None):
+    """(weight, bias) of ``module`` restricted to the plan's kept rows / columns (under autograd, so the
+    full-size gradient is zero outside them)."""
+    weight, bias = module.weight, module.bias
+    if plan is None:
+        return weight, bias
+    rows, cols = plan.slices(name)
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    return weight, bias
+
+
+def _saved_linear(outputs: dict[str, torch.Tensor], plan: LayerPlan | None) -> Linear:
     def linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
         if type(module) is nn.Linear:
-            return _SavedLinear.apply(x, module.weight, module.bias, outputs.get(name))
+            return _SavedLinear.apply(x, *_sliced_params(module, name, plan), outputs.get(name))
         return module(x)  # e.g. a PEFT LoRA layer: recompute on the kept rows (row-wise, so exact)
     return linear
+
+
+def _omission(layer: nn.Module) -> LayerOmission | None:
+    """The layer's neuron-omission state when an ``Omitter`` is attached and the layer is training."""
+    om = getattr(layer.mlp, OMISSION_ATTR, None) or getattr(layer.self_attn, OMISSION_ATTR, None)
+    return om if om is not None and layer.training else None
+
+
+@torch.no_grad()
+def _observe(om: LayerOmission, layer: nn.Module, inputs: dict[str, torch.Tensor], o: torch.Tensor) -> None:
+    """Feed the omission statistics from the full-row forward (inputs of the linears, attention output)."""
+    plan = om.plan
+    if om.original_mlp is not None:
+        om.observe_mlp(layer.mlp, inputs["gate_proj"], inputs["down_proj"], None if plan is None else plan.channels)
+    if om.original_attn is not None:
+        om.observe_attn(layer.self_attn, inputs["q_proj"], o[None], None if plan is None else plan.groups)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,12 +256,19 @@ class _TokenSparseLayer(torch.autograd.Function):
         device_type = x.device.type
         ctx.autocast = _autocast_state(device_type)
         outputs: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
         value_names = _value_outputs(spec)
+        om = _omission(layer)
+        plan = None if om is None else om.plan
 
         def record(module, inp, name):
-            out = module(inp)
+            if plan is None or type(module) is not nn.Linear:
+                out = module(inp)
+            else:
+                out = F.linear(inp, *_sliced_params(module, name, plan))
             if name in value_names:
                 outputs[name] = out
+            inputs[name] = inp
             return out
 
         q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record)
@@ -229,6 +277,9 @@ class _TokenSparseLayer(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):  # backends pick their own precision
             o, aux = backend.forward(q, k, v, step.layout, scale)
         y = layer_output(layer, x, o, record)
+        if om is not None and om.gathers:
+            _observe(om, layer, inputs, o)
+        inputs.clear()
 
         # What to keep: row-wise tensors (all rows, or kept rows when the keep set is known already),
         # full-row K / V (kept queries read every key), and q / o / lse per the backend's needs.
@@ -248,6 +299,7 @@ class _TokenSparseLayer(torch.autograd.Function):
         ctx.aux_other = None if isinstance(aux, torch.Tensor) else aux
         ctx.layer, ctx.spec, ctx.step, ctx.backend, ctx.scale = layer, spec, step, backend, scale
         ctx.compact = compact
+        ctx.plan = plan
         return y
 
     @staticmethod
@@ -283,7 +335,7 @@ class _TokenSparseLayer(torch.autograd.Function):
                     else torch.autocast(device_type, enabled=False))
         with torch.enable_grad(), autocast:
             x = rowwise["x"].detach().requires_grad_(True)
-            linear = _saved_linear(rowwise)
+            linear = _saved_linear(rowwise, ctx.plan)
             q, k, v = attention_inputs(layer, spec, x, *step.kept_rope(), linear)
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
             y = layer_output(layer, x, o, linear)

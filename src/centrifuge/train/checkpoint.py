@@ -6,6 +6,8 @@ Layout of ``<run>/checkpoints/step-0000120/``:
 - ``optimizer.safetensors``: every optimizer state tensor, keyed ``"<parameter name>::<state key>"``
   (e.g. ``model.norm.weight::exp_avg``), so state follows parameters by name, not by position;
 - ``rng.safetensors``: torch CPU (and CUDA) generator states as uint8 tensors;
+- ``plugins.safetensors`` (when a plug-in has state, e.g. neuron omission's importance statistics):
+  tensors keyed ``"<plug-in>::<name>"``;
 - ``state.json`` (written last): step, data position, scheduler state, optimizer hyper-parameters per
   group (parameters by name), python and numpy RNG states, the run's config, and the size of every file.
 
@@ -41,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+PLUGINS_FILE = "plugins.safetensors"
 STATE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SEP = "::"  # between parameter name and state key in optimizer.safetensors
@@ -81,10 +84,12 @@ def save_checkpoint(
     extra: dict[str, Any],
     tokenizer_dir: str | None = None,
     keep: int = 2,
+    plugin_state: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> str:
     """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep``. Returns its path.
 
-    ``extra`` (JSON-able: data position, config, eval history...) is stored in ``state.json``."""
+    ``extra`` (JSON-able: data position, config, eval history...) is stored in ``state.json``;
+    ``plugin_state`` (plug-in name -> tensors) in ``plugins.safetensors``."""
     root = os.path.join(run_dir, CHECKPOINTS)
     final = os.path.join(root, checkpoint_name(step))
     if os.path.isdir(final):  # e.g. SIGTERM right after the periodic save of the same step
@@ -100,7 +105,13 @@ def save_checkpoint(
                 shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
         groups, scalars = _save_optimizer(model, optimizer, os.path.join(tmp, OPTIMIZER_FILE))
         save_file(_torch_rng_tensors(), os.path.join(tmp, RNG_FILE))
-        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE)}
+        names = [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE]
+        plugin_tensors = {f"{plugin}{_SEP}{key}": t.detach().contiguous().cpu()
+                          for plugin, tensors in (plugin_state or {}).items() for key, t in tensors.items()}
+        if plugin_tensors:
+            save_file(plugin_tensors, os.path.join(tmp, PLUGINS_FILE))
+            names.append(PLUGINS_FILE)
+        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in names}
         state = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -216,6 +227,35 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     state["_rng_tensors"] = rng_tensors  # for restore_rng, once every random init is done
     return state
+
+
+def load_plugin_state(ckpt_dir: str, plugins: dict[str, Any]) -> None:
+    """Give each plug-in of ``plugins`` (name -> object with ``load_state_dict``) its saved tensors.
+
+    A plug-in that has state now but none in the checkpoint (or the reverse) is a ``CheckpointError``: the
+    run would not continue as it was."""
+    path = os.path.join(ckpt_dir, PLUGINS_FILE)
+    try:
+        tensors = load_file(path) if os.path.isfile(path) else {}
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {PLUGINS_FILE}: {err}") from None
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        plugin, _, name = key.partition(_SEP)
+        saved.setdefault(plugin, {})[name] = value
+    stateful = {name for name, obj in plugins.items() if obj.state_dict()}
+    if set(saved) - set(plugins):
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds state of {', '.join(sorted(set(saved) - set(plugins)))}, "
+                              "which this run does not use (was the config changed?)")
+    missing = stateful - set(saved)
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no state for {', '.join(sorted(missing))}")
+    for name, obj in plugins.items():
+        if name in saved:
+            try:
+                obj.load_state_dict(saved[name])
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"checkpoint {ckpt_dir}: bad {name} state ({err})") from None
 
 
 def _header_shapes(ckpt_dir: str, name: str) -> dict[str, tuple[int, ...]]:

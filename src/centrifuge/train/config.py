@@ -208,6 +208,47 @@ class TokensSection:
             )
 
 
+@dataclass
+class NeuronsSection:
+    """Neuron omission (SAT): each step only the more important MLP channels and attention heads (whole KV
+    groups) take part, through smaller dense GEMMs. ``rate: 0`` (the default) is off. The keys mirror
+    ``centrifuge.neurons.OmissionConfig``; the default ladder schedule (LORS) ends dense."""
+
+    rate: float = 0.0  # omission rate (the schedule's start value); 0 = off
+    schedule: str = "ladder"  # ladder (LORS) | constant | linear | cosine, over the run's steps
+    end: float = 0.0  # the schedule's final rate (not for constant)
+    hold_fraction: float = 0.5  # ladder: share of the steps at `rate` before stepping down
+    rungs: int = 4  # ladder: equal steps from `rate` down to `end`
+    metric: str = "activation"  # uniform | magnitude | wanda | activation (EMA of earlier forwards)
+    select: str = "sample"  # sample (p ∝ softmax(score / temperature)) | topk
+    temperature: float = 1.0
+    mlp: bool = True  # omit MLP channels
+    heads: bool = True  # omit attention heads (whole KV groups)
+    multiple: int = 64  # kept MLP channels rounded up to a multiple of this
+    layers: list[int] | None = None  # decoder layers that omit; null = all
+    ema: float = 0.9  # decay of the importance statistics
+    seed: int = 0
+    protect_optimizer: bool = True  # omitted rows and their AdamW state do not move in a step
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0.0
+
+    def omission_config(self):
+        """The ``centrifuge.neurons.OmissionConfig`` of this section (raises ``ValueError`` when bad)."""
+        from centrifuge.neurons.omitter import OmissionConfig
+
+        fields = dataclasses.asdict(self)
+        fields.pop("protect_optimizer")
+        return OmissionConfig(**fields)
+
+    def validate(self) -> None:
+        try:
+            self.omission_config()
+        except ValueError as err:
+            raise ConfigError(str(err) if str(err).startswith("neurons") else f"neurons: {err}") from None
+
+
 # ------------------------------------------------------------------------------------ the section registry
 
 
@@ -222,6 +263,7 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     tokens: TokensSection = field(default_factory=TokensSection)
+    neurons: NeuronsSection = field(default_factory=NeuronsSection)
 
     def validate(self) -> None:
         for name in section_names():

@@ -70,6 +70,8 @@ class RunContext:
     data: Datasets | None = None  # packed train / eval sequences (e.g. to check reference scores against)
     tokenizer: TextTokenizer | None = None
     say: Callable[[str], None] = print  # set-up messages of plug-ins
+    # name -> object with state_dict() / load_state_dict() of tensors, saved in every checkpoint
+    plugin_state: dict[str, Any] = field(default_factory=dict)
 
 
 Plugin = Callable[[RunContext], None]
@@ -77,9 +79,10 @@ Plugin = Callable[[RunContext], None]
 
 def default_plugins() -> list[Plugin]:
     """Plug-ins configured by config sections (token filtering and neuron omission register here)."""
+    from centrifuge.neurons.training import neuron_omission_plugin
     from centrifuge.tokens.training import token_filter_plugin
 
-    return [token_filter_plugin]
+    return [token_filter_plugin, neuron_omission_plugin]
 
 
 @dataclass
@@ -393,6 +396,8 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     context = RunContext(config, model, optimizer, scheduler, device, data=data, tokenizer=tokenizer)
     for plugin in default_plugins() if plugins is None else plugins:
         plugin(context)
+    if resume_from is not None:
+        ckpt.load_plugin_state(resume_from, context.plugin_state)
     return PreparedRun(
         config, run_dir, device, autocast_dtype_for(config.train.precision, device), context, data, sampler,
         tokenizer, tokenizer_note, start_step=int(state["step"]) if state else 0, state=state,
@@ -448,6 +453,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         return ckpt.save_checkpoint(
             run.run_dir, step=step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
             extra=extra, tokenizer_dir=tokenizer_dir, keep=config.checkpoint.keep,
+            plugin_state={name: obj.state_dict() for name, obj in ctx.plugin_state.items()},
         )  # fmt: skip
 
     step, saved_path = run.start_step, run.resume_from

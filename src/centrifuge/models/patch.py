@@ -20,6 +20,13 @@ from centrifuge.tokens.forward import MODES, fast_forward, reference_forward
 
 log = logging.getLogger("centrifuge")
 _STATE_ATTR = "_centrifuge_patch"
+# Inputs the token-filtering forward tolerates only when None (what wrappers such as PEFT's pass along).
+_NONE_ONLY = ("inputs_embeds", "output_attentions", "output_hidden_states", "return_dict")
+
+
+def _is_peft(model: nn.Module) -> bool:
+    """A PEFT ``PeftModel`` (duck-typed: peft is optional): patch its ``get_base_model()`` instead."""
+    return callable(getattr(type(model), "get_base_model", None)) and hasattr(model, "peft_config")
 
 
 @dataclasses.dataclass
@@ -46,6 +53,9 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if _is_peft(model):  # PEFT (LoRA): patch the wrapped causal LM; PeftModel.forward passes keep_mask through
+        apply(model.get_base_model(), mode=mode, attention=attention)
+        return model
     from centrifuge.ops.attention import BACKENDS
 
     if attention != "auto" and attention not in BACKENDS:
@@ -66,6 +76,9 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
                 if num_items_in_batch is not None else original(*args, **kwargs)
         if args:
             raise TypeError("pass input_ids and the other inputs by keyword to a Centrifuge-patched model")
+        for name in _NONE_ONLY:  # PeftModelForCausalLM.forward passes these as None
+            if name in kwargs and kwargs[name] is None:
+                del kwargs[name]
         unknown = set(kwargs) - {"input_ids", "attention_mask", "position_ids", "labels", "use_cache"}
         if unknown:
             raise TypeError(f"unsupported arguments with token filtering: {', '.join(sorted(unknown))}")
@@ -81,6 +94,9 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo ``apply``: the instance's forward is the original again. A no-op for unpatched models."""
+    if _is_peft(model):
+        revert(model.get_base_model())
+        return model
     state: PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return model
@@ -94,5 +110,7 @@ def revert(model: nn.Module) -> nn.Module:
 
 def patch_mode(model: nn.Module) -> str | None:
     """The mode ``model`` is patched with, or None."""
+    if _is_peft(model):
+        model = model.get_base_model()
     state = getattr(model, _STATE_ATTR, None)
     return None if state is None else state.mode

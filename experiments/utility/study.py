@@ -111,9 +111,15 @@ def _free_memory() -> None:
 
 
 def _scores_fingerprint(scores_dir: str) -> str:
+    """A hash of the stored losses themselves (shard files also hold paths, which differ between copies)."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
     manifest = _read_json(os.path.join(scores_dir, "manifest.json"))
-    shards = "".join(s.get("sha256", "") for s in manifest.get("shards", []))
-    return hashlib.sha256(shards.encode()).hexdigest()[:16]
+    for shard in manifest["shards"]:
+        with safe_open(os.path.join(scores_dir, shard["file"]), framework="pt") as f:
+            digest.update(f.get_tensor("loss").float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def prepare(

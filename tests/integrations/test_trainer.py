@@ -111,9 +111,9 @@ def test_sft_trainer_completion_only(tmp_path):
     first = recorder.batches[0][0]
     assert "attention_mask" in first and bool((first["attention_mask"] == 0).any())  # padded rows
     assert bool((first["labels"][first["attention_mask"] == 1] == IGNORE_INDEX).any())  # prompts unlabelled
-    for counted, labelled, kept in recorder.counts:
+    for counted, labelled, _ in recorder.counts:
         assert 0 < counted < labelled
-    for mask, batch in zip(handle.keep_masks, recorder.batches[-1]):
+    for mask, batch in zip(handle.keep_masks, recorder.batches[-1], strict=True):
         labelled = shift_labels(batch["labels"]) != IGNORE_INDEX
         assert mask.any() and not bool((mask & ~labelled).any())  # never a prompt or padding position
 

@@ -277,6 +277,19 @@ def _check_ratio_schedule(schedule) -> None:
                              "every value must be in (0, 1]")
 
 
+def _check_no_adapter_dropout(model: nn.Module) -> None:
+    """Refuse LoRA dropout: the fast backward recomputes adapters on the kept rows, which would draw a second
+    dropout mask, not the one the forward used (the gradient would belong to another loss)."""
+    for name, module in model.named_modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            for drop in dropouts.values():
+                if isinstance(drop, nn.Dropout) and drop.p > 0:
+                    raise ValueError(f"{name}: lora_dropout={drop.p} is not supported by mode='fast' (its backward "
+                                     "recomputes adapters on kept rows with a new dropout draw); set lora_dropout=0 "
+                                     "or use mode='loss_only'")
+
+
 def enable_token_filtering(
     trainer,
     *,
@@ -329,6 +342,8 @@ def enable_token_filtering(
                          "per GPU (torchrun / accelerate launch) instead")
     base = trainer.model.get_base_model() if _is_peft(trainer.model) else trainer.model
     spec_for(base)
+    if mode == "fast":
+        _check_no_adapter_dropout(base)
     params = dict(selector_params or {})
     if isinstance(selector, str):
         if selector == "threshold":

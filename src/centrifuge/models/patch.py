@@ -16,7 +16,7 @@ import types
 import torch.nn as nn
 
 from centrifuge.models.registry import spec_for
-from centrifuge.tokens.forward import MODES, fast_forward, reference_forward
+from centrifuge.tokens.forward import MODES, REFERENCE_ATTENTION, fast_forward, reference_forward
 
 log = logging.getLogger("centrifuge")
 _STATE_ATTR = "_centrifuge_patch"
@@ -35,6 +35,7 @@ class PatchState:
     attention: str
     had_instance_forward: bool
     original_forward: object
+    original_attn_implementation: str | None = None  # restored by revert (reference mode switches it)
 
 
 def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> nn.Module:
@@ -65,7 +66,11 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
         revert(model)
     had_instance_forward = "forward" in vars(model)
     original = model.forward
-    setattr(model, _STATE_ATTR, PatchState(mode, attention, had_instance_forward, original))
+    state = PatchState(mode, attention, had_instance_forward, original)
+    if mode == "reference":
+        state.original_attn_implementation = model.config._attn_implementation
+        model.config._attn_implementation = REFERENCE_ATTENTION
+    setattr(model, _STATE_ATTR, state)
     run = functools.partial(fast_forward, attention=attention) if mode == "fast" else functools.partial(
         reference_forward, detach_filtered_kv=(mode == "reference"))
 
@@ -100,6 +105,8 @@ def revert(model: nn.Module) -> nn.Module:
     state: PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         return model
+    if state.original_attn_implementation is not None:
+        model.config._attn_implementation = state.original_attn_implementation
     if state.had_instance_forward:
         model.forward = state.original_forward
     else:

@@ -215,7 +215,9 @@ REFERENCE_ATTENTION = "centrifuge_reference"
 
 
 def _reference_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with the keys / values of filtered tokens detached (``centrifuge_keep`` [B, T] bool)."""
+    """SDPA with the keys / values of filtered tokens detached (``centrifuge_keep`` [B, T] bool; plain SDPA
+    without it). ``apply(mode="reference")`` selects it for the whole time the model is patched — not just
+    during the forward — so that activation checkpointing's recompute in the backward runs it too."""
     keep = kwargs.pop("centrifuge_keep", None)
     if keep is not None:
         k_mask = keep[:, None, :, None]
@@ -261,13 +263,10 @@ def reference_forward(
         keep_bt = torch.zeros_like(batch.valid)
         keep_bt[keep_rows] = True
         kwargs["centrifuge_keep"] = keep_bt.view(batch.B, batch.T)
-    previous = model.config._attn_implementation
-    if detach_filtered_kv:
-        model.config._attn_implementation = REFERENCE_ATTENTION
-    try:
-        normed = _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
-    finally:
-        model.config._attn_implementation = previous
+    if detach_filtered_kv and model.config._attn_implementation != REFERENCE_ATTENTION:
+        raise RuntimeError("the reference mode needs centrifuge.apply(model, mode='reference'), which selects the "
+                           f"{REFERENCE_ATTENTION!r} attention for as long as the model is patched")
+    normed = _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
     targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
     loss_sum = _normed_token_loss(model, normed, targets).sum()
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)

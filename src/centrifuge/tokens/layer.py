@@ -15,6 +15,12 @@ One recipe (``attention_inputs`` + ``layer_output``) describes a Llama-family de
 Between layers the gradient travels as a row-sparse COO tensor (indices = kept rows, values [M, d]), so no
 zero-filled [N, d] gradient is ever built between layers.
 
+Activation checkpointing (the layer's Hugging Face ``gradient_checkpointing`` flag, set by
+``model.gradient_checkpointing_enable()``): the forward then saves only the layer input and attention output
+rows (plus full-row K / V, which kept queries read), and the backward *recomputes* the linear outputs whose
+values it needs (``o_proj``, ``gate_proj``, ``up_proj``; ``q`` / ``k`` with q/k-norm) on the kept rows
+only — so the recompute, like the backward, costs M rows, not N.
+
 Neuron omission composes with this: when an ``Omitter`` (``centrifuge.neurons``) has set a plan on the layer,
 every linear layer of both passes uses the plan's sliced weights (kept MLP channels, kept KV groups' heads),
 so the backward GEMMs shrink in both M (kept tokens) and N or K (kept neurons); attention runs on the kept
@@ -215,10 +221,16 @@ def _sliced_params(module: nn.Module, name: str, plan: LayerPlan | None):
     return weight, bias
 
 
-def _saved_linear(outputs: dict[str, torch.Tensor], plan: LayerPlan | None) -> Linear:
+def _saved_linear(outputs: dict[str, torch.Tensor], plan: LayerPlan | None,
+                  recompute: tuple[str, ...] = ()) -> Linear:
+    """The replay's linear: the saved output (``_SavedLinear``), or for names in ``recompute`` (activation
+    checkpointing) a real GEMM on the kept rows."""
     def linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
         if type(module) is nn.Linear:
-            return _SavedLinear.apply(x, *_sliced_params(module, name, plan), outputs.get(name))
+            weight, bias = _sliced_params(module, name, plan)
+            if name in recompute:
+                return F.linear(x, weight, bias)
+            return _SavedLinear.apply(x, weight, bias, outputs.get(name))
         return module(x)  # e.g. a PEFT LoRA layer: recompute on the kept rows (row-wise, so exact)
     return linear
 
@@ -284,7 +296,8 @@ class _TokenSparseLayer(torch.autograd.Function):
         # What to keep: row-wise tensors (all rows, or kept rows when the keep set is known already),
         # full-row K / V (kept queries read every key), and q / o / lse per the backend's needs.
         compact = step.keep is not None
-        rowwise = {"x": x, "o": o, **outputs}
+        checkpointed = bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
+        rowwise = {"x": x, "o": o} if checkpointed else {"x": x, "o": o, **outputs}
         queries = {"q": q, "aux": aux} if isinstance(aux, torch.Tensor) else {"q": q}
         if compact:
             keep = step.keep
@@ -300,6 +313,7 @@ class _TokenSparseLayer(torch.autograd.Function):
         ctx.layer, ctx.spec, ctx.step, ctx.backend, ctx.scale = layer, spec, step, backend, scale
         ctx.compact = compact
         ctx.plan = plan
+        ctx.recompute = value_names if checkpointed else ()
         return y
 
     @staticmethod
@@ -335,7 +349,7 @@ class _TokenSparseLayer(torch.autograd.Function):
                     else torch.autocast(device_type, enabled=False))
         with torch.enable_grad(), autocast:
             x = rowwise["x"].detach().requires_grad_(True)
-            linear = _saved_linear(rowwise, ctx.plan)
+            linear = _saved_linear(rowwise, ctx.plan, ctx.recompute)
             q, k, v = attention_inputs(layer, spec, x, *step.kept_rope(), linear)
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
             y = layer_output(layer, x, o, linear)

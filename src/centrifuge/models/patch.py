@@ -38,7 +38,7 @@ class PatchState:
     original_attn_implementation: str | None = None  # restored by revert (reference mode switches it)
 
 
-def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> nn.Module:
+def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", compile: bool = False) -> nn.Module:
     """Patch ``model`` (an HF causal LM of a supported ``model_type``) in place and return it.
 
     Args:
@@ -48,6 +48,9 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
         attention: attention backend of the fast path: "auto" (on CUDA the dense model's own SDPA kernels
             for plain causal rows, else FlashAttention varlen; the math path on the CPU), or one of
             ``centrifuge.ops.attention.BACKENDS`` by name ("math", "flash", "sdpa", ...).
+        compile: fast mode: run RMSNorm, RoPE and SwiGLU of the token-sparse layers through
+            ``torch.compile`` (``centrifuge.ops.elementwise``; one graph for every kept count, no graph
+            breaks). The GEMMs and attention are already single kernels and stay as they are.
 
     After ``apply``: ``model(input_ids=..., labels=..., keep_mask=keep)`` or ``model(..., select=fn)``
     returns a ``TokenFilterOutput``; without either it is the original forward.
@@ -55,7 +58,7 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if _is_peft(model):  # PEFT (LoRA): patch the wrapped causal LM; PeftModel.forward passes keep_mask through
-        apply(model.get_base_model(), mode=mode, attention=attention)
+        apply(model.get_base_model(), mode=mode, attention=attention, compile=compile)
         return model
     from centrifuge.ops.attention import BACKENDS
 
@@ -71,8 +74,11 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto") -> n
         state.original_attn_implementation = model.config._attn_implementation
         model.config._attn_implementation = REFERENCE_ATTENTION
     setattr(model, _STATE_ATTR, state)
-    run = functools.partial(fast_forward, attention=attention) if mode == "fast" else functools.partial(
-        reference_forward, detach_filtered_kv=(mode == "reference"))
+    elementwise = "compiled" if compile else "eager"
+    if mode == "fast":
+        run = functools.partial(fast_forward, attention=attention, elementwise=elementwise)
+    else:
+        run = functools.partial(reference_forward, detach_filtered_kv=(mode == "reference"))
 
     def forward(self, *args, keep_mask=None, select=None, num_items_in_batch=None,
                 return_token_loss: bool = False, **kwargs):

@@ -166,7 +166,7 @@ def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, tok
 def fast_forward(
     model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
     keep_mask=None, select: Selector | None = None, num_items_in_batch=None, attention: str = "auto",
-    return_token_loss: bool = False,
+    elementwise: str = "eager", return_token_loss: bool = False,
 ) -> TokenFilterOutput:
     """The token-sparse forward (see the module docstring for the arguments)."""
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
@@ -183,7 +183,7 @@ def fast_forward(
     )
     keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
     step = StepState(layout=layout, cos=cos.reshape(B * T, -1), sin=sin.reshape(B * T, -1), keep=keep_rows,
-                     attention=attention)
+                     attention=attention, elementwise=elementwise)
     h = embeds.reshape(B * T, -1)
     if not h.requires_grad:  # frozen embeddings (e.g. LoRA): still drive the layers' backward
         h = h.detach().requires_grad_(True)

@@ -42,6 +42,7 @@ from centrifuge.neurons.layers import STATE_ATTR as OMISSION_ATTR
 from centrifuge.neurons.layers import LayerOmission
 from centrifuge.neurons.plan import LayerPlan
 from centrifuge.ops.attention import choose_backend
+from centrifuge.ops.elementwise import EAGER, ELEMENTWISE, Eager
 from centrifuge.tokens.layout import TokenLayout
 
 Linear = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
@@ -53,28 +54,29 @@ Linear = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
 
 
 def attention_inputs(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, linear: Linear):
+                     sin: torch.Tensor, linear: Linear, ops: Eager = EAGER):
     """x [R, d] → q [R, H, D], k [R, Hkv, D], v [R, Hkv, D] after (q/k norm and) RoPE."""
     attn = layer.self_attn
     D = attn.head_dim
-    n = layer.input_layernorm(x)
+    n = ops.norm(layer.input_layernorm, x)
     q = linear(attn.q_proj, n, "q_proj").view(x.shape[0], -1, D)
     k = linear(attn.k_proj, n, "k_proj").view(x.shape[0], -1, D)
     v = linear(attn.v_proj, n, "v_proj").view(x.shape[0], -1, D)
     if spec.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = spec.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        q, k = ops.norm(attn.q_norm, q), ops.norm(attn.k_norm, k)
+    q, k = ops.rope(spec, q, k, cos, sin)
     # Under autocast the projections are bf16 but fp32 RoPE tables promote q / k to fp32; attention then
     # runs in the projections' dtype, as autocast's SDPA does in the dense model.
     return q.to(v.dtype), k.to(v.dtype), v
 
 
-def layer_output(layer: nn.Module, x: torch.Tensor, o: torch.Tensor, linear: Linear) -> torch.Tensor:
+def layer_output(layer: nn.Module, x: torch.Tensor, o: torch.Tensor, linear: Linear,
+                 ops: Eager = EAGER) -> torch.Tensor:
     """x [R, d], attention output o [R, H, D] → layer output [R, d]."""
     h = x + linear(layer.self_attn.o_proj, o.reshape(o.shape[0], -1), "o_proj")
-    n2 = layer.post_attention_layernorm(h)
+    n2 = ops.norm(layer.post_attention_layernorm, h)
     mlp = layer.mlp
-    a = mlp.act_fn(linear(mlp.gate_proj, n2, "gate_proj")) * linear(mlp.up_proj, n2, "up_proj")
+    a = ops.gated(mlp, linear(mlp.gate_proj, n2, "gate_proj"), linear(mlp.up_proj, n2, "up_proj"))
     return h + linear(mlp.down_proj, a, "down_proj")
 
 
@@ -98,6 +100,7 @@ class StepState:
         cos, sin: [N, D] rotary tables of the rows.
         keep: [M] int64 sorted kept row ids, or None until the selection after the forward sets it.
         attention: backend name ("auto", "math", "flash").
+        elementwise: "eager" (the HF modules) or "compiled" (``centrifuge.ops.elementwise``).
     """
 
     layout: TokenLayout
@@ -105,6 +108,7 @@ class StepState:
     sin: torch.Tensor
     keep: torch.Tensor | None
     attention: str = "auto"
+    elementwise: str = "eager"
     _kept_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def require_keep(self) -> torch.Tensor:
@@ -283,12 +287,13 @@ class _TokenSparseLayer(torch.autograd.Function):
             inputs[name] = inp
             return out
 
-        q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record)
+        ops = ELEMENTWISE[step.elementwise]
+        q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record, ops)
         backend = choose_backend(step.attention, q, step.layout)
         scale = layer.self_attn.scaling
         with torch.autocast(device_type, enabled=False):  # backends pick their own precision
             o, aux = backend.forward(q, k, v, step.layout, scale)
-        y = layer_output(layer, x, o, record)
+        y = layer_output(layer, x, o, record, ops)
         if om is not None and om.gathers:
             _observe(om, layer, inputs, o)
         inputs.clear()
@@ -350,9 +355,10 @@ class _TokenSparseLayer(torch.autograd.Function):
         with torch.enable_grad(), autocast:
             x = rowwise["x"].detach().requires_grad_(True)
             linear = _saved_linear(rowwise, ctx.plan, ctx.recompute)
-            q, k, v = attention_inputs(layer, spec, x, *step.kept_rope(), linear)
+            ops = ELEMENTWISE[step.elementwise]
+            q, k, v = attention_inputs(layer, spec, x, *step.kept_rope(), linear, ops)
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
-            y = layer_output(layer, x, o, linear)
+            y = layer_output(layer, x, o, linear, ops)
             torch.autograd.backward(y, dy.to(y.dtype))
         return sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None
 

@@ -1,0 +1,103 @@
+"""The element-wise pieces of a decoder layer (RMSNorm, RoPE, SwiGLU), eager or compiled.
+
+The token-sparse layer (``centrifuge.tokens.layer``) runs these twice: on all rows in the forward, and again
+under autograd on the kept rows in the backward's replay. Eagerly, each is a handful of small kernels plus
+autograd bookkeeping per call — on a GPU a visible part of the step once the GEMMs have shrunk. ``COMPILED``
+runs the same formulas through ``torch.compile`` (``fullgraph=True``: no graph breaks by construction;
+``dynamic=True``: one graph for every row count, so varying kept counts do not recompile), so forward and
+backward of each piece become a few fused kernels.
+
+Both follow the Hugging Face Llama-family modules exactly (RMSNorm computes in float32 and multiplies the
+weight in the input dtype; RoPE rotates halves); modules of another kind fall back to calling the module.
+
+    ops = ELEMENTWISE["compiled"]
+    n = ops.norm(layer.input_layernorm, x)           # x [R, d] → [R, d]
+    q, k = ops.rope(spec, q, k, cos, sin)             # q [R, H, D], k [R, Hkv, D], cos/sin [R, D]
+    a = ops.gated(layer.mlp, gate, up)                # gate, up [R, m] → [R, m]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF ``LlamaRMSNorm``: x [..., d] normalised in float32, cast back, times weight [d]."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """HF ``apply_rotary_pos_emb`` with ``unsqueeze_dim=1`` on token rows: q [R, H, D], k [R, Hkv, D],
+    cos / sin [R, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up, both [R, m]."""
+    return F.silu(gate) * up
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
+
+
+def _is_silu(mlp: nn.Module) -> bool:
+    act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+    return act == "silu" or isinstance(getattr(mlp, "act_fn", None), nn.SiLU)
+
+
+class Eager:
+    """The modules' own forwards (HF code, unchanged)."""
+
+    name = "eager"
+
+    def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    def rope(self, spec, q, k, cos, sin):
+        return spec.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+
+    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return mlp.act_fn(gate) * up
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+class Compiled(Eager):
+    """The same formulas through ``torch.compile`` (compiled lazily, once per process)."""
+
+    name = "compiled"
+
+    def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not _is_rms_norm(module):
+            return module(x)
+        return _compiled(rms_norm)(x, module.weight, module.variance_epsilon)
+
+    def rope(self, spec, q, k, cos, sin):
+        return _compiled(rope)(q, k, cos, sin)
+
+    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if not _is_silu(mlp):
+            return mlp.act_fn(gate) * up
+        return _compiled(swiglu)(gate, up)
+
+
+EAGER = Eager()
+ELEMENTWISE: dict[str, Eager] = {"eager": EAGER, "compiled": Compiled()}

@@ -208,10 +208,12 @@ def test_evaluation_stays_dense(tmp_path):
     (dict(selector="threshold"), "selector 'threshold' is not supported under Trainer"),
     (dict(selector="excess_loss"), "needs reference losses"),
     (dict(selector="label_mask", schedule="linear"), "takes no keep-ratio schedule"),
+    (dict(ddp_find_unused_parameters=True), "ddp_find_unused_parameters=True does not work with mode='fast'"),
 ])
 def test_bad_input_changes_nothing(tmp_path, kwargs, match):
     model = tiny_model()
-    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=PackedRows(4))
+    args = training_args(tmp_path, ddp_find_unused_parameters=kwargs.pop("ddp_find_unused_parameters", None))
+    trainer = Trainer(model=model, args=args, train_dataset=PackedRows(4))
     with pytest.raises(ValueError, match=match):
         enable_token_filtering(trainer, **kwargs)
     assert token_filtering_of(trainer) is None and centrifuge.patch_mode(model) is None
@@ -225,11 +227,14 @@ def test_revert_restores_the_trainer(tmp_path):
     model = tiny_model()
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=PackedRows(4))
     flags = (trainer.model_accepts_loss_kwargs, trainer.loss_is_scaled_for_ga)
+    assert trainer.accelerator.ddp_handler.find_unused_parameters  # the Trainer's default without checkpointing
     handle = enable_token_filtering(trainer)
     assert centrifuge.patch_mode(model) == "fast" and token_filtering_of(trainer) is handle
+    assert not trainer.accelerator.ddp_handler.find_unused_parameters  # see test_distributed.py
     with pytest.raises(ValueError, match="already enabled"):
         enable_token_filtering(trainer)
     handle.revert()
     assert centrifuge.patch_mode(model) is None and token_filtering_of(trainer) is None
     assert "compute_loss" not in vars(trainer) and "get_batch_samples" not in vars(trainer)
     assert (trainer.model_accepts_loss_kwargs, trainer.loss_is_scaled_for_ga) == flags
+    assert trainer.accelerator.ddp_handler.find_unused_parameters

@@ -118,6 +118,7 @@ class TokenFiltering:
         self.num_labelled = 0
         self.keep_masks: list[torch.Tensor | None] = []
         self._saved_attrs: dict[str, object] = {}
+        self._saved_ddp = None  # the DDP kwargs handler whose find_unused_parameters was switched off
 
     # ------------------------------------------------------------------------------------------ install
 
@@ -132,6 +133,13 @@ class TokenFiltering:
             # forward's signature, not the patched (*args, keep_mask=..., **kwargs) one.
             trainer._set_signature_columns_if_needed()
         centrifuge.apply(trainer.model, mode=self.mode, attention=self.attention)
+        handler = getattr(getattr(trainer, "accelerator", None), "ddp_handler", None)
+        if self.mode == "fast" and handler is not None and handler.find_unused_parameters:
+            # The fast path runs each decoder layer inside an autograd.Function whose backward replays it, so
+            # the layers' parameters are not in the forward graph DDP searches: it would mark them unused (ready)
+            # at the forward and again when the replay produces their gradients. Every parameter does get one.
+            self._saved_ddp = handler
+            handler.find_unused_parameters = False
         original_batches, original_loss = trainer.get_batch_samples, trainer.compute_loss
         self._original_compute_loss = original_loss
 
@@ -168,6 +176,8 @@ class TokenFiltering:
             else:
                 setattr(trainer, name, value)
         centrifuge.revert(trainer.model)
+        if self._saved_ddp is not None:
+            self._saved_ddp.find_unused_parameters = True
         if getattr(trainer, _ATTR, None) is self:
             delattr(trainer, _ATTR)
 
@@ -337,6 +347,10 @@ def enable_token_filtering(
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if attention != "auto" and attention not in BACKENDS:
         raise ValueError(f"unknown attention backend {attention!r}; choose auto, {', '.join(BACKENDS)}")
+    if mode == "fast" and getattr(trainer.args, "ddp_find_unused_parameters", None):
+        raise ValueError("ddp_find_unused_parameters=True does not work with mode='fast' (its layers' parameters "
+                         "get their gradients from a replay in the backward, invisible to DDP's search); leave it "
+                         "unset or set it to False")
     if getattr(trainer.args, "n_gpu", 1) > 1:
         raise ValueError("token filtering does not support torch.nn.DataParallel (n_gpu > 1); launch one process "
                          "per GPU (torchrun / accelerate launch) instead")

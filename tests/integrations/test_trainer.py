@@ -50,19 +50,23 @@ def fake_reference(batch) -> torch.Tensor:
     return (batch["input_ids"].double() * 0.37).sin() + 1.5
 
 
-@pytest.mark.parametrize("selector", ["random", "self_loss", "reference_loss"])
-def test_trainer_equals_train_step_with_schedule(tmp_path, selector):
-    """Three steps of 2 micro-batches; keep ratio 0.5 → 0.75 → 1.0 (linear): the last step is dense."""
+@pytest.mark.parametrize("selector, checkpointing", [("random", False), ("self_loss", False),
+                                                     ("reference_loss", False), ("excess_loss", False),
+                                                     ("random", True), ("self_loss", True)])
+def test_trainer_equals_train_step_with_schedule(tmp_path, selector, checkpointing):
+    """Three steps of 2 micro-batches; keep ratio 0.5 → 0.75 → 1.0 (linear): the last step is dense. With the
+    Trainer's gradient checkpointing too (the reference runs without: the gradient must not change)."""
     model = tiny_model()
     recorder = Recorder()
-    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=PackedRows(12, seed=1),
-                      callbacks=[recorder])
-    reference = fake_reference if selector == "reference_loss" else None
+    args = training_args(tmp_path, max_steps=3, gradient_checkpointing=checkpointing)
+    trainer = Trainer(model=model, args=args, train_dataset=PackedRows(12, seed=1), callbacks=[recorder])
+    reference = fake_reference if selector in ("reference_loss", "excess_loss") else None
     handle = enable_token_filtering(trainer, selector=selector, keep_ratio=0.5, scope="batch", schedule="linear",
                                     schedule_params={"end": 1.0}, reference=reference)
     recorder.handle = handle
     recorder.wrap(trainer)
     trainer.train()
+    assert bool(getattr(model.model.layers[0], "gradient_checkpointing", False)) == checkpointing
 
     # the schedule moved per optimizer step: round(ratio × labelled) kept, per micro-batch (scope "batch")
     for step, ratio in enumerate((0.5, 0.75, 1.0)):

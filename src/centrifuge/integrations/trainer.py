@@ -33,8 +33,13 @@ global *kept* count, known before the first micro-batch's forward:
 
 With ``average_tokens_across_devices`` (the default) and several processes, the count is summed over ranks
 and the loss multiplied by the number of processes (DDP averages gradients), as ``Trainer.compute_loss``
-does. A scheduled keep ratio of 1.0 (ratio-based selectors) is ordinary dense training through the model's
-own forward, like the CLI.
+does (tested with two gloo processes: equal to one ``train_step`` over both ranks' micro-batches). In
+``mode="fast"`` DDP's ``find_unused_parameters`` is switched off: the decoder layers run inside an
+``autograd.Function`` whose backward replays them, so DDP's search of the forward graph would not see
+their parameters. A scheduled keep ratio of 1.0 (ratio-based selectors) is ordinary dense training through
+the trainer's own loss, like the CLI (there the HF loss casts logits to float32). The Trainer's gradient
+checkpointing works (the fast path honours the layers' flag). TRL's per-token metrics (entropy, token
+accuracy) are not logged for filtered steps: the token-sparse forward builds no logits.
 
 Inputs: each micro-batch is a dict of [B, T] tensors ``input_ids``, ``labels`` (-100 = no label: padding,
 prompt tokens of completion-only SFT — never kept), optional ``attention_mask`` and ``position_ids``.
@@ -327,10 +332,12 @@ def enable_token_filtering(
         selector_params: extra selector arguments (e.g. ``{"seed": 1}`` for random, ``{"prefer": "high"}``).
         mode: "fast" (token-sparse backward), "reference" or "loss_only" (see ``centrifuge.apply``).
         attention: the fast path's attention backend (see ``centrifuge.apply``).
-        reference: ``batch -> [B, T]`` reference per-token losses, for ``excess_loss`` / ``reference_loss``.
+        reference: ``batch -> [B, T]`` reference per-token losses at prediction positions, for ``excess_loss`` /
+            ``reference_loss``; called once per micro-batch with the dict the Trainer's data loader yields.
 
     Bad arguments raise one ``ValueError`` (unsupported models ``UnsupportedModelError``) before anything
-    is changed.
+    is changed; so do ``threshold`` (data-dependent count), ``lora_dropout`` > 0 and an explicit
+    ``ddp_find_unused_parameters=True`` with ``mode="fast"``.
     """
     from centrifuge.models.patch import _is_peft
     from centrifuge.models.registry import spec_for

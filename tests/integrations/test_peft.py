@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer
 
 import centrifuge
-from centrifuge.integrations import enable_token_filtering
+from centrifuge.integrations import enable_neuron_omission, enable_token_filtering
 from centrifuge.ops.cross_entropy import IGNORE_INDEX
 from centrifuge.tokens import selectors
 from centrifuge.tokens.training import TokenFilterLoss
@@ -100,3 +100,11 @@ def test_lora_dropout_is_refused_by_the_trainer_integration(tmp_path):
         enable_token_filtering(trainer)
     assert centrifuge.patch_mode(model) is None
     enable_token_filtering(trainer, mode="loss_only")  # plain autograd: dropout is fine
+
+
+def test_neuron_omission_refuses_adapters(tmp_path):
+    model = lora_model("llama")
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=PackedRows(4))
+    with pytest.raises(ValueError, match="does not support PEFT adapters"):
+        enable_neuron_omission(trainer, rate=0.5)
+    assert len(trainer.callback_handler.callbacks) == 2  # the Trainer's defaults only

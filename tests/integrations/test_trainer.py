@@ -173,12 +173,14 @@ class _Slices(TrainerCallback):
         self.steps[-1] = [(before, p.detach().clone(), dim, ids) for p, dim, ids, before in self.steps[-1]]
 
 
-def test_neuron_option_protects_adamw(tmp_path):
+@pytest.mark.parametrize("tokens", [True, False], ids=["with-token-filtering", "alone"])
+def test_neuron_option_protects_adamw(tmp_path, tokens):
     """Under AdamW with weight decay, omitted rows do not move; the other rows do."""
     model = tiny_model()
     args = training_args(tmp_path, optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
     trainer = Trainer(model=model, args=args, train_dataset=PackedRows(8, seed=4))
-    enable_token_filtering(trainer, selector="random", keep_ratio=0.5)
+    if tokens:
+        enable_token_filtering(trainer, selector="random", keep_ratio=0.5)
     omitter = enable_neuron_omission(trainer, **OMISSION)
     slices = _Slices(omitter)
     trainer.add_callback(slices)

@@ -256,8 +256,12 @@ def test_apply_revert_and_errors(gen):
         model(input_ids=ids, labels=ids, keep_mask=keep[:, :5])
     with pytest.raises(ValueError, match="bool"):
         model(input_ids=ids, labels=ids, keep_mask=keep.long())
+    assert all("forward" in vars(layer) for layer in model.model.layers)  # layers dispatch (FSDP2 hooks)
     centrifuge.revert(model)
     assert "forward" not in vars(model) and centrifuge.patch_mode(model) is None
+    assert not any("forward" in vars(layer) or "_centrifuge_layer_dispatch" in vars(layer)
+                   for layer in model.model.layers)
+    assert torch.equal(model(input_ids=ids).logits, plain)
     with pytest.raises(ValueError, match="mode"):
         centrifuge.apply(model, mode="fastest")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))

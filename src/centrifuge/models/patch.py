@@ -1,6 +1,8 @@
 """``centrifuge.apply`` / ``centrifuge.revert``: patch one model instance, and undo it exactly.
 
-``apply`` rebinds the instance's ``forward`` (the class and every other instance stay untouched). The
+``apply`` rebinds the instance's ``forward`` (the class and every other instance stay untouched) and, in the
+fast mode, each decoder layer's (``install_layer_dispatch``: the token-sparse step calls every layer through
+its own module call, so wrappers that hook modules, such as FSDP2, see it). The
 patched forward takes the per-step selection explicitly — ``keep_mask=`` or ``select=`` — and runs the
 chosen token-filtering mode; a call with neither (evaluation, generation) runs the original forward.
 Parameters and buffers are never replaced, so ``revert`` gives back the original model bit for bit.
@@ -16,7 +18,14 @@ import types
 import torch.nn as nn
 
 from centrifuge.models.registry import spec_for
-from centrifuge.tokens.forward import MODES, REFERENCE_ATTENTION, fast_forward, reference_forward
+from centrifuge.tokens.forward import (
+    MODES,
+    REFERENCE_ATTENTION,
+    fast_forward,
+    install_layer_dispatch,
+    reference_forward,
+    remove_layer_dispatch,
+)
 
 log = logging.getLogger("centrifuge")
 _STATE_ATTR = "_centrifuge_patch"
@@ -98,6 +107,9 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
                    return_token_loss=return_token_loss, **kwargs)
 
     model.forward = types.MethodType(forward, model)
+    if mode == "fast":  # the token-sparse step runs each decoder layer through its own module call (FSDP2 hooks)
+        for layer in model.model.layers:
+            install_layer_dispatch(layer)
     log.info("centrifuge: patched %s (model_type=%s, mode=%s, %d layers)", type(model).__name__,
              spec.model_type, mode, len(model.model.layers))
     return model
@@ -117,6 +129,8 @@ def revert(model: nn.Module) -> nn.Module:
         model.forward = state.original_forward
     else:
         del model.forward
+    for layer in model.model.layers:
+        remove_layer_dispatch(layer)
     delattr(model, _STATE_ATTR)
     return model
 

@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels
@@ -40,6 +41,10 @@ class TokenFilterLoss:
             ``sequence_index``, or an online reference model); needed by ``excess_loss`` and friends.
         ratio_driven: the selector keeps a fixed share (False for ``label_mask`` and ``threshold``); only
             then does the schedule apply and a ratio of 1.0 mean dense training.
+        across_ranks: under ``torch.distributed``, every micro-batch is one rank's equal share of a global
+            micro-batch (``centrifuge train``): the selector then runs on the global micro-batch (scores,
+            labels and reference losses all-gathered, [world × B, T]) and each rank keeps its rows, so the
+            selection — a batch-scope top-k, random draws — is the one of a one-process run.
     """
 
     selector: Selector
@@ -49,6 +54,7 @@ class TokenFilterLoss:
     step: int = 0
     reference: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     ratio_driven: bool = True
+    across_ranks: bool = False
 
     def __post_init__(self):
         if self.schedule is None:
@@ -70,6 +76,19 @@ class TokenFilterLoss:
                              "(from `centrifuge score-reference`) or tokens.reference_model")
         return self.reference(batch).to(batch["input_ids"].device)
 
+    def _select(self, *, scores, valid, step, reference) -> torch.Tensor:
+        """The selector on this micro-batch, or on the global one (``across_ranks``) cut to this rank's rows."""
+        if not (self.across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.selector(scores=scores, valid=valid, step=step, reference=reference)
+        from centrifuge.train.distributed import all_gather_rows
+
+        def gather(t):
+            return None if t is None else all_gather_rows(t)
+
+        keep = self.selector(scores=gather(scores), valid=gather(valid), step=step, reference=gather(reference))
+        rows = valid.shape[0]
+        return keep[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
     @property
     def keep_ratio(self) -> float:
         return self.selector.ratio
@@ -88,12 +107,12 @@ class TokenFilterLoss:
             step = self.step
 
             def select(*, scores, valid):
-                return self.selector(scores=scores, valid=valid, step=step, reference=reference)
+                return self._select(scores=scores, valid=valid, step=step, reference=reference)
 
             out = model(**inputs, select=select)
         else:
             labelled = shift_labels(batch["labels"]) != IGNORE_INDEX
-            keep = self.selector(scores=None, valid=labelled, step=self.step, reference=reference)
+            keep = self._select(scores=None, valid=labelled, step=self.step, reference=reference)
             out = model(**inputs, keep_mask=keep)
         return MicroLoss(loss_sum=out.loss_sum, num_counted=out.num_counted, num_valid=out.num_labelled)
 
@@ -146,7 +165,7 @@ def token_filter_plugin(context) -> None:
     ratio_driven = tokens.selector not in ("label_mask", "threshold")
     loss = TokenFilterLoss(
         selector=selector, dense_loss=context.loss_fn, schedule=schedule if ratio_driven else None,
-        total_steps=context.config.train.steps, reference=reference, ratio_driven=ratio_driven,
+        total_steps=context.config.train.steps, reference=reference, ratio_driven=ratio_driven, across_ranks=True,
     )
     centrifuge.apply(context.model, mode=tokens.mode, attention=tokens.attention)
     context.loss_fn = loss

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels
+from centrifuge.train import distributed
 from centrifuge.train.errors import NoCountedTokensError, NonFiniteLossError
 
 Batch = dict[str, Tensor]  # input_ids, labels, position_ids, attention_mask: int64 [B, T]
@@ -111,7 +112,7 @@ def train_step(
     max_grad_norm: float | None = 1.0,
     autocast_dtype: torch.dtype | None = None,
     hooks: StepHooks | None = None,
-    grads_averaged_over_ranks: bool = True,
+    grads_averaged_over_ranks: bool | None = None,
 ) -> StepStats:
     """One optimizer step over ``micro_batches`` (gradient accumulation), in place on ``model``.
 
@@ -119,10 +120,17 @@ def train_step(
     ``loss_sum.backward()``. Then every gradient is divided by the global counted-token count, clipped to
     ``max_grad_norm`` (None or 0 = no clipping), and the optimizer and scheduler step; grads are cleared.
 
-    Distributed: the count is all-reduced (SUM). DDP and FSDP *average* gradients over ranks, so each rank
-    scales by ``world_size / global_count`` to leave the global-token mean; pass
-    ``grads_averaged_over_ranks=False`` for a wrapper that sums them. (Under DDP, wrap all but the last
-    micro-batch in ``no_sync()`` — the division happens after the last backward, so it commutes.)
+    Distributed (``torch.distributed`` initialized, several ranks; each rank passes its own share of the
+    step's micro-batches): the counts are all-reduced (SUM) and every gradient ends as the global-token mean
+    ``sum over ranks and micro-batches of d(loss_sum) / global_count``. How the ranks' gradients meet,
+    ``grads_averaged_over_ranks``:
+
+    - ``None`` (default): DDP and FSDP2 (``fully_shard``) models *average* them in their backward, so each
+      rank scales by ``world_size / global_count``; all but the last micro-batch run without gradient sync
+      (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``). Any other model is not synchronized
+      by anyone: the step sums its gradients itself (one flat all-reduce per dtype after the last backward)
+      and scales by ``1 / global_count``.
+    - ``True`` / ``False``: the caller's wrapper averages / sums them; the step only scales.
 
     Raises ``NoCountedTokensError`` if no token counts and ``NonFiniteLossError`` if the loss or the
     gradient norm is NaN/inf; in both cases the optimizer has not stepped and grads are cleared."""
@@ -139,11 +147,13 @@ def train_step(
     valid = torch.zeros((), dtype=torch.int64, device=device)
     tokens = torch.zeros((), dtype=torch.int64, device=device)
     stats_sum: dict[str, float] = {}
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with _autocast(device, autocast_dtype):
-            micro = loss_fn(model, batch)
-        micro.loss_sum.backward()
+        # the division by the global count comes after the last backward, so syncing once commutes with it
+        with distributed.gradient_sync(model, i == len(micro_batches) - 1):
+            with _autocast(device, autocast_dtype):
+                micro = loss_fn(model, batch)
+            micro.loss_sum.backward()
         loss_total += micro.loss_sum.detach().double()
         counted += micro.num_counted.detach().to(device)
         valid += micro.num_valid.detach().to(device)
@@ -166,15 +176,20 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(step, "loss", loss)
 
-    scale = (world_size if grads_averaged_over_ranks else 1) / global_counted
+    averaged = grads_averaged_over_ranks
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if world_size > 1 and averaged is None:
+        averaged = distributed.averages_gradients(model)
+        if not averaged:  # nobody synchronized them: sum over ranks here
+            distributed.all_reduce_gradients(params)
+    scale = (world_size if averaged else 1) / global_counted
     if params:
         torch._foreach_mul_([p.grad for p in params], scale)
     for hook in hooks.after_backward:
         hook(step)
 
     # With max_norm=inf the clip coefficient is exactly 1: the call only measures the norm.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) if params else 0.0
+    grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) if params else 0.0
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(step, "gradient norm", grad_norm)
@@ -198,6 +213,11 @@ def train_step(
         lr=lr,
         stats={k: v / n for k, v in stats_sum.items()},
     )
+
+
+def _as_float(value: Tensor) -> float:
+    """A scalar tensor as a float; an FSDP2 (DTensor) norm is gathered first."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

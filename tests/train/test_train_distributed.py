@@ -1,0 +1,125 @@
+"""Two CPU processes (gloo) training one step under DDP and FSDP2 give the one-process step on the same global
+batch: the same normalized gradients (FSDP2's shards gathered), grad norm and updated weights.
+
+Each rank builds the same float64 model, takes its half of every global micro-batch (``local_share``), and runs
+``train_step`` with two accumulation micro-batches; the reference is ``train_step`` in this process on the whole
+micro-batches. Selections: dense, token filtering with the mask known before the forward (random, per sequence)
+and chosen after it (current loss, batch-scope top-k, which needs the global batch's scores on every rank)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoConfig
+
+import centrifuge
+from centrifuge.models.presets import build_model
+from centrifuge.tokens import selectors
+from centrifuge.tokens.training import TokenFilterLoss
+from centrifuge.train import distributed
+from centrifuge.train.step import StepHooks, dense_loss, train_step
+
+CASES = ("dense", "keep_mask", "select")
+B, T, ACCUM = 4, 16, 2  # global micro-batch of 4 sequences: 2 per rank
+
+
+def tiny_model() -> torch.nn.Module:
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                  max_position_embeddings=64)
+    return build_model(config, dtype=torch.float64, seed=3)
+
+
+def global_batches() -> list[dict[str, torch.Tensor]]:
+    """ACCUM micro-batches [B, T]: two packed documents per row (restarting positions), a few unlabelled."""
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(ACCUM):
+        ids = torch.randint(0, 128, (B, T), generator=gen)
+        labels = ids.masked_fill(torch.rand(B, T, generator=gen) < 0.15, -100)
+        cut = 6
+        pos = torch.cat([torch.arange(cut), torch.arange(T - cut)]).expand(B, T).contiguous()
+        out.append({"input_ids": ids, "labels": labels, "position_ids": pos,
+                    "attention_mask": torch.ones(B, T, dtype=torch.long)})
+    return out
+
+
+def loss_for(case: str):
+    if case == "dense":
+        return dense_loss
+    selector = selectors.random(0.5, seed=5) if case == "keep_mask" else selectors.self_loss(0.4, scope="batch")
+    loss = TokenFilterLoss(selector=selector, dense_loss=dense_loss, total_steps=1, across_ranks=True)
+    loss.set_step(0)
+    return loss
+
+
+def one_step(model, train_model, case: str, batches, full_grad) -> dict[str, torch.Tensor]:
+    """One train_step; returns the normalized gradients, the grad norm and the weights after the step."""
+    if case != "dense":
+        centrifuge.apply(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    grads = {}
+
+    def record(step):
+        grads.update({f"grad/{n}": full_grad(p.grad) for n, p in model.named_parameters()})
+
+    stats = train_step(train_model, batches, optimizer, None, step=1, loss_fn=loss_for(case), max_grad_norm=0.05,
+                       hooks=StepHooks(after_backward=[record]))
+    weights = {f"weight/{n}": full_grad(p.detach()) for n, p in model.named_parameters()}
+    return {**grads, **weights, "grad_norm": torch.tensor(stats.grad_norm), "loss": torch.tensor(stats.loss),
+            "counted": torch.tensor(stats.num_counted)}
+
+
+def _worker(rank: int, store: str, out: str, strategy: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        info = distributed.init_distributed(strategy, torch.device("cpu"))
+        assert (info.rank, info.world_size, info.strategy) == (rank, 2, strategy)
+        results = {}
+        for case in CASES:
+            model = tiny_model()
+            train_model = distributed.wrap_model(model, info)
+            share = [distributed.local_share(b, info) for b in global_batches()]
+            full = (lambda t: t.full_tensor()) if strategy == "fsdp2" else (lambda t: t.clone())
+            results[case] = one_step(model, train_model, case, share, full)
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    results = {}
+    for case in CASES:
+        model = tiny_model()
+        results[case] = one_step(model, model, case, global_batches(), lambda t: t.clone())
+    return results
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_equal_one_process(strategy, single_process, tmp_path):
+    out = str(tmp_path / "result")
+    mp.spawn(_worker, args=(str(tmp_path / "store"), out, strategy), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for case in CASES:
+        ref = single_process[case]
+        assert ref["grad/model.layers.0.mlp.down_proj.weight"].abs().sum() > 0
+        for rank in ranks:
+            got = rank[case]
+            assert got.keys() == ref.keys()
+            assert int(got["counted"]) == int(ref["counted"]), case  # the global kept count
+            for name, r in ref.items():
+                scale = r.abs().max().item() or 1.0
+                err = (got[name].double() - r.double()).abs().max().item() / scale
+                assert err < 1e-10, (case, name, err)
+    if True:  # the cases really differ (a test that compares equal things could not fail)
+        ref = single_process
+        assert int(ref["keep_mask"]["counted"]) < int(ref["dense"]["counted"])
+        assert not torch.equal(ref["select"]["grad/lm_head.weight"], ref["dense"]["grad/lm_head.weight"])

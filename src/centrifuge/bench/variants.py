@@ -225,6 +225,18 @@ class Dense(Variant):
 
 
 @register
+class DenseCompiled(Variant):
+    name = "dense_compiled"
+    help = "the dense baseline under torch.compile (nn.Module.compile; compiled once in the warm-up)"
+
+    def prepare(self, run: Run) -> None:
+        run.model.compile()
+
+    def cleanup(self, run: Run) -> None:
+        run.model._compiled_call_impl = None  # what nn.Module.compile set: back to the eager __call__
+
+
+@register
 class LossOnly(Variant):
     name = "loss_only"
     help = "same forward, loss = mean CE over a random κ-fraction of tokens, full backward (Rho-1 masking)"
@@ -331,13 +343,15 @@ class _CentrifugeVariant(Variant):
 
     uses_keep = True
     mode: ClassVar[str] = "fast"
+    compile: ClassVar[bool] = False
+    attention: ClassVar[str] = "auto"
     unavailable = classmethod(lambda cls: _centrifuge_missing())
     work = token_sparse_work
 
     def prepare(self, run: Run) -> None:
         import centrifuge
 
-        centrifuge.apply(run.model, mode=self.mode)
+        centrifuge.apply(run.model, mode=self.mode, compile=self.compile, attention=self.attention)
 
     def cleanup(self, run: Run) -> None:
         import centrifuge
@@ -352,6 +366,27 @@ class CentrifugeBefore(_CentrifugeVariant):
 
     def forward(self, run: Run) -> torch.Tensor:
         return run.model(input_ids=run.input_ids, labels=run.labels, keep_mask=run.keep).loss
+
+
+@register
+class CentrifugeCompiled(CentrifugeBefore):
+    name = "centrifuge_compiled"
+    help = "as centrifuge, with RMSNorm / RoPE / SwiGLU of the token-sparse layers compiled (apply(compile=True))"
+    compile = True
+
+
+@register
+class CentrifugeStock(CentrifugeBefore):
+    name = "centrifuge_sdpa"
+    help = "as centrifuge, with stock attention kernels only (SDPA backend: full-row attention backward)"
+    attention = "sdpa"
+
+
+@register
+class CentrifugeStockCompiled(CentrifugeStock):
+    name = "centrifuge_sdpa_compiled"
+    help = "as centrifuge_sdpa, with RMSNorm / RoPE / SwiGLU compiled"
+    compile = True
 
 
 @register

@@ -244,3 +244,11 @@ def test_revert_restores_the_trainer(tmp_path):
     assert "compute_loss" not in vars(trainer) and "get_batch_samples" not in vars(trainer)
     assert (trainer.model_accepts_loss_kwargs, trainer.loss_is_scaled_for_ga) == flags
     assert trainer.accelerator.ddp_handler.find_unused_parameters
+
+
+def test_batches_without_labels_are_refused(tmp_path):
+    rows = [{"input_ids": r["input_ids"]} for r in PackedRows(4)]
+    trainer = Trainer(model=tiny_model(), args=training_args(tmp_path), train_dataset=rows)
+    enable_token_filtering(trainer)
+    with pytest.raises(ValueError, match="token filtering needs labels"):
+        trainer.train()

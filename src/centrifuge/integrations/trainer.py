@@ -81,7 +81,7 @@ class _MicroPlan:
     Attributes:
         index: position of the micro-batch in its step.
         step: the optimizer step (``global_step``) the micro-batch belongs to.
-        dense: keep ratio 1.0 this step: the model's own forward.
+        dense: keep ratio 1.0 this step: the trainer's own loss.
         keep_mask: [B, T] bool chosen before the forward, or None (selected after it).
         selector: this step's selector (keep ratio set), for selection after the forward.
         expected: int, tokens this micro-batch counts (kept and labelled).
@@ -208,7 +208,10 @@ class TokenFiltering:
         counted = labelled = 0
         self.keep_masks = []
         for index, batch in enumerate(samples):
-            labels = batch["labels"]
+            labels = batch.get("labels")
+            if labels is None:
+                raise ValueError("token filtering needs labels [B, T] in every batch (-100 = no label), e.g. from "
+                                 "DataCollatorForLanguageModeling(tokenizer, mlm=False)")
             valid = labelled_positions(labels, batch.get("attention_mask"))
             n_labelled = int(valid.sum())
             labelled += n_labelled

@@ -47,7 +47,7 @@ class PatchState:
     original_attn_implementation: str | None = None  # restored by revert (reference mode switches it)
 
 
-def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", compile: bool = False) -> nn.Module:
+def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", compile: bool | None = None) -> nn.Module:
     """Patch ``model`` (an HF causal LM of a supported ``model_type``) in place and return it.
 
     Args:
@@ -59,7 +59,8 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
             ``centrifuge.ops.attention.BACKENDS`` by name ("math", "flash", "sdpa", ...).
         compile: fast mode: run RMSNorm, RoPE and SwiGLU of the token-sparse layers through
             ``torch.compile`` (``centrifuge.ops.elementwise``; one graph for every kept count, no graph
-            breaks). The GEMMs and attention are already single kernels and stay as they are.
+            breaks). The GEMMs and attention are already single kernels and stay as they are. None (the
+            default): compiled for CUDA inputs, eager on the CPU.
 
     After ``apply``: ``model(input_ids=..., labels=..., keep_mask=keep)`` or ``model(..., select=fn)``
     returns a ``TokenFilterOutput``; without either it is the original forward.
@@ -83,7 +84,7 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
         state.original_attn_implementation = model.config._attn_implementation
         model.config._attn_implementation = REFERENCE_ATTENTION
     setattr(model, _STATE_ATTR, state)
-    elementwise = "compiled" if compile else "eager"
+    elementwise = "auto" if compile is None else ("compiled" if compile else "eager")
     if mode == "fast":
         run = functools.partial(fast_forward, attention=attention, elementwise=elementwise)
     else:

@@ -234,8 +234,11 @@ def fast_forward(
     keep_mask=None, select: Selector | None = None, num_items_in_batch=None, attention: str = "auto",
     elementwise: str = "eager", return_token_loss: bool = False,
 ) -> TokenFilterOutput:
-    """The token-sparse forward (see the module docstring for the arguments)."""
+    """The token-sparse forward (see the module docstring for the arguments; ``elementwise``: "eager",
+    "compiled", or "auto" = compiled on CUDA)."""
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
+    if elementwise == "auto":
+        elementwise = "compiled" if input_ids.is_cuda else "eager"
     if keep_mask is not None:
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
     inner = model.model

@@ -167,7 +167,7 @@ def token_filter_plugin(context) -> None:
         selector=selector, dense_loss=context.loss_fn, schedule=schedule if ratio_driven else None,
         total_steps=context.config.train.steps, reference=reference, ratio_driven=ratio_driven, across_ranks=True,
     )
-    centrifuge.apply(context.model, mode=tokens.mode, attention=tokens.attention)
+    centrifuge.apply(context.model, mode=tokens.mode, attention=tokens.attention, compile=tokens.compile)
     context.loss_fn = loss
     if ratio_driven:
         context.hooks.before_forward.append(lambda step: loss.set_step(step - 1))  # train_step counts from 1

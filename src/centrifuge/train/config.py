@@ -186,6 +186,7 @@ class TokensSection:
     reference_model: str | None = None  # local model directory: score online, one no-grad forward a step
 
     def validate(self) -> None:
+    compile: bool | None = None  # torch.compile the fast path's norms / RoPE / SwiGLU; null = on CUDA
         from centrifuge.ops.attention import BACKENDS
         from centrifuge.schedules import KINDS
         from centrifuge.tokens.forward import MODES

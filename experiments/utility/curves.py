@@ -5,8 +5,9 @@ record just before step s's train record (the previous step's, or an evaluation'
 the loop's ``train_step`` plus batch building; the loss is read back with ``.item()`` inside the step, so on
 CUDA the time includes the GPU work. Evaluation time is therefore excluded from the training clock. Step 1
 also carries one-time costs (kernel compilation, autotuning, allocator warm-up) that do not grow with
-training length, so the clock counts it at the run's median step time; its raw time is kept as
-``first_step_s``.
+training length, so the clock counts it at the run's median step time, and so does any later step slower
+than ``OUTLIER`` x the median (a recompilation for a new shape, an allocator or autotuning stall). Their raw
+times stay in the record: ``first_step_s``, ``slow_steps``, ``slow_excess_s`` and ``train_seconds_raw``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import math
 import statistics
 from typing import Any
+
+OUTLIER = 3.0  # a step slower than this many medians counts at the median on the training clock
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
@@ -37,8 +40,9 @@ def run_numbers(records: list[dict[str, Any]]) -> dict[str, Any]:
     later = [s for step, s in step_seconds.items() if step > 1] or list(step_seconds.values())
     median_step = statistics.median(later)
     clock, elapsed = {0: 0.0}, 0.0
+    slow = [step for step, s in step_seconds.items() if step > 1 and s > OUTLIER * median_step]
     for step in sorted(step_seconds):
-        elapsed += median_step if step == 1 else step_seconds[step]
+        elapsed += median_step if step == 1 or step in slow else step_seconds[step]
         clock[step] = elapsed
     evals = [r for r in records if r["kind"] == "eval"]
     curve = [{"step": int(r["step"]), "seconds": clock.get(int(r["step"]), math.nan), "loss": float(r["loss"])}
@@ -51,6 +55,8 @@ def run_numbers(records: list[dict[str, Any]]) -> dict[str, Any]:
         "train_seconds": elapsed,
         "train_seconds_raw": sum(step_seconds.values()),
         "first_step_s": step_seconds.get(1, math.nan),
+        "slow_steps": len(slow),
+        "slow_excess_s": sum(step_seconds[step] - median_step for step in slow),
         "median_step_s": median_step,
         "tokens_per_s": statistics.median(speeds),
         "kept_fraction": statistics.fmean(r.get("counted_fraction", 1.0) for r in train),

@@ -91,6 +91,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
             "median_step_s": statistics.fmean(r["median_step_s"] for r in runs),
             "kept_fraction": statistics.fmean(r["kept_fraction"] for r in runs),
+            "slow_steps": sum(r.get("slow_steps", 0) for r in runs),
             "devices": sorted({r["environment"]["device"] for r in runs}),
             "curve": mean_curve(runs),
         }
@@ -211,7 +212,7 @@ def findings(arms: dict[str, dict[str, Any]]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ output
 
 COLUMNS = ("arm", "seeds", "final_loss_mean", "final_loss_std", "final_loss_min", "final_loss_max", "vs_dense_pct",
-           "tokens_per_s", "median_step_ms", "train_seconds", "kept_fraction", "devices")  # fmt: skip
+           "tokens_per_s", "median_step_ms", "train_seconds", "kept_fraction", "slow_steps", "devices")  # fmt: skip
 
 
 def table_rows(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -224,7 +225,7 @@ def table_rows(arms: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "final_loss_max": round(f["max"], 5), "vs_dense_pct": round(100 * s["vs_dense"], 3),
             "tokens_per_s": round(s["tokens_per_s"]), "median_step_ms": round(1000 * s["median_step_s"], 2),
             "train_seconds": round(s["train_seconds"], 2), "kept_fraction": round(s["kept_fraction"], 4),
-            "devices": "; ".join(s["devices"]),
+            "slow_steps": s["slow_steps"], "devices": "; ".join(s["devices"]),
         })  # fmt: skip
     return rows
 
@@ -261,6 +262,12 @@ def plot(arms: dict[str, dict[str, Any]], path: str) -> str | None:
             x = [p[key] for p in curve]
             (line,) = ax.plot(x, loss, label=f"{arm} (n={len(s['seeds'])})", linewidth=1.4)
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    late = [p for s in arms.values() for p in s["curve"] if s["curve"] and p["step"] >= 0.2 * s["curve"][-1]["step"]]
+    if late:  # zoom on the part after the first fifth of training, where the arms differ
+        low, high = min(p["min"] for p in late), max(p["max"] for p in late)
+        pad = 0.05 * (high - low) or 0.01
+        for ax in axes:
+            ax.set_ylim(low - pad, high + pad)
     axes[0].set_xlabel("optimizer step")
     axes[1].set_xlabel("training wall-clock (s, evaluation excluded)")
     for ax in axes:

@@ -285,8 +285,13 @@ def write_corpus(directory: str, settings: CorpusSettings) -> dict:
             "noise_char_fraction": noise / max(chars, 1),
             "sha256": _write_jsonl(os.path.join(directory, f"{name}.jsonl"), docs),
         }  # fmt: skip
+    by_source: dict[str, int] = {}
+    for doc in [*corpus.train, *corpus.eval]:
+        kind = doc.source.split(":", 1)[0]
+        by_source[kind] = by_source.get(kind, 0) + 1
     manifest = {
         "settings": asdict(settings),
+        "documents_by_source": by_source,
         "python": sys.version.split()[0],
         "stdlib": sysconfig.get_paths()["stdlib"],
         "files": files,

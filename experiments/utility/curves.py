@@ -60,5 +60,6 @@ def run_numbers(records: list[dict[str, Any]]) -> dict[str, Any]:
         "median_step_s": median_step,
         "tokens_per_s": statistics.median(speeds),
         "kept_fraction": statistics.fmean(r.get("counted_fraction", 1.0) for r in train),
+        "omit_mean": statistics.fmean(r.get("omit", 0.0) for r in train),  # neuron omission rate over the run
         "final_train_loss": float(train[-1]["loss"]),
     }

@@ -156,7 +156,7 @@ def prepare(
     say(f"corpus: {files['train']['documents']} training documents ({files['train']['corrupted_documents']} "
         f"corrupted, {100 * files['train']['noise_char_fraction']:.0f}% noise characters), "
         f"{files['reference']['documents']} clean reference documents, {files['eval']['documents']} held out "
-        f"({time.perf_counter() - tic:.1f} s)")  # fmt: skip
+        f"({time.perf_counter() - tic:.1f} s); documents by source: {manifest['documents_by_source']}")  # fmt: skip
 
     tokenizer_dir = os.path.join(root, "tokenizer")
     tok = train_bpe(read_texts(os.path.join(corpus_dir, "reference.jsonl")), int(profile.model["vocab_size"]))

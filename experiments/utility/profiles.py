@@ -67,7 +67,17 @@ PROFILES: dict[str, Profile] = {
         seq_len=512, batch_size=16, steps=300, lr=2e-3, warmup_steps=30,
         eval_every=20, eval_batch_size=32, eval_max_batches=0, reference_steps=200,
     ),  # fmt: skip
-    # A model of ~0.2M parameters on a ~100-document pydoc corpus: seconds per arm on one CPU thread.
+    # A CPU sanity run of the whole method (~1M parameters, 600 documents): about a minute per arm.
+    "cpu-small": Profile(
+        name="cpu-small",
+        model={"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 2048, "max_position_embeddings": 256},
+        seq_len=128, batch_size=16, steps=200, lr=3e-3, warmup_steps=20,
+        eval_every=20, eval_batch_size=32, eval_max_batches=8, reference_steps=150,
+        corpus=CorpusSettings(sources=("pydoc", "docstrings"), max_docs=600, doc_chars=1500),
+        neuron_multiple=32,
+    ),  # fmt: skip
+    # A model of ~0.15M parameters on a 60-document pydoc corpus: seconds per arm on one CPU thread.
     "cpu-smoke": Profile(
         name="cpu-smoke",
         model={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,

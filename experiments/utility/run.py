@@ -5,7 +5,8 @@
 prepares ``DIR/prepared`` once (corpus, tokenizer, clean reference model, its scores over the noisy mixture),
 trains every requested arm x seed into ``DIR/runs/<arm>/seed<k>`` (finished runs are kept, so a study can be
 spread over several invocations into the same directory), then writes the report of everything in DIR
-(``experiments.utility.report``) and prints its table. Exit status: 0 all requested runs done, 1 some failed.
+(``experiments.utility.report``) and prints its table. Exit status: 0 all requested runs done, 1 some failed
+or were left out by ``--budget-s``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="train runs again even when they finished before")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep model checkpoints (large)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--budget-s", type=float, default=0.0, metavar="SECONDS",
+                   help="start no run that would likely end past this many seconds after the start (judged "
+                        "from the longest run so far), so a time-limited call ends with its report; 0 = none")
     return p.parse_args(argv)
 
 
@@ -67,11 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     prepared = study.prepare(args.out, profile, device=args.device, copy_from=args.prepared,
                              keep_checkpoints=args.keep_checkpoints)  # fmt: skip
     print(f"prepared in {time.perf_counter() - started:.1f} s", flush=True)
-    failed = []
+    failed, skipped, longest = [], [], 0.0
     for arm in args.arms:
         for seed in args.seeds:
+            elapsed = time.perf_counter() - started
+            if args.budget_s and elapsed + 1.2 * longest > args.budget_s:
+                skipped.append(f"{arm}/seed{seed}")
+                continue
+            tic = time.perf_counter()
             result = study.run_arm(args.out, profile, arm, seed, device=args.device, prepared=prepared,
                                    force=args.force, keep_checkpoints=args.keep_checkpoints)  # fmt: skip
+            longest = max(longest, time.perf_counter() - tic)
             if result is None:
                 failed.append(f"{arm}/seed{seed}")
             else:
@@ -86,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_report:
             write_report([args.out])
             print(f"report: {os.path.join(args.out, 'report')}")
+    if skipped:
+        print(f"NOT RUN (--budget-s {args.budget_s:g}): {' '.join(skipped)}; run them again into the same --out "
+              "(finished runs are kept)", file=sys.stderr)
     if failed:
         print(f"FAILED runs: {', '.join(failed)} (see runs/<arm>/seed<k>/error.txt)", file=sys.stderr)
+    if failed or skipped:
         return 1
     return 0
 

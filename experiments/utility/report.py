@@ -120,19 +120,21 @@ def compare(arms: dict[str, dict[str, Any]], a: str, b: str) -> dict[str, Any] |
         return None
     fa, fb = arms[a]["final_eval_loss"], arms[b]["final_eval_loss"]
     diff = fa["mean"] - fb["mean"]
-    separated = fa["max"] < fb["min"] or fb["max"] < fa["min"]
+    seeds = min(len(arms[a]["seeds"]), len(arms[b]["seeds"]))
+    # one seed has no spread to compare against: never call that a separation
+    separated = seeds >= 2 and (fa["max"] < fb["min"] or fb["max"] < fa["min"])
     return {"a": a, "b": b, "mean_a": fa["mean"], "mean_b": fb["mean"], "diff": diff, "rel": diff / fb["mean"],
-            "separated": separated,
-            "seeds": min(len(arms[a]["seeds"]), len(arms[b]["seeds"]))}  # fmt: skip
+            "separated": separated, "seeds": seeds}  # fmt: skip
 
 
 def _describe(c: dict[str, Any]) -> str:
     word = "lower" if c["diff"] < 0 else "higher"
-    how = (
-        "seed ranges do not overlap"
-        if c["separated"]
-        else f"within the seed-to-seed range ({c['seeds']} seed(s)): not distinguishable here"
-    )
+    if c["separated"]:
+        how = f"seed ranges do not overlap, {c['seeds']} seeds"
+    elif c["seeds"] < 2:
+        how = "one seed: no spread to judge against"
+    else:
+        how = f"within the seed-to-seed range of {c['seeds']} seeds: not distinguishable here"
     return (f"`{c['a']}` {c['mean_a']:.4f} is {abs(c['diff']):.4f} {word} than `{c['b']}` {c['mean_b']:.4f} "
             f"({100 * c['rel']:+.2f}%; {how})")  # fmt: skip
 
@@ -174,9 +176,13 @@ def findings(arms: dict[str, dict[str, Any]]) -> list[str]:
         c = compare(arms, fast, slow)
         if not c:
             continue
-        close = abs(c["rel"]) <= TOLERANCE or not c["separated"]
-        items.append(f"equal steps, k={k}: {_describe(c)} → "
-                     f"{'same quality within 1% / seed spread' if close else 'quality differs'}")  # fmt: skip
+        if abs(c["rel"]) <= TOLERANCE:
+            verdict = "same quality within 1% → as expected"
+        elif not c["separated"]:
+            verdict = "more than 1% apart, not separated by the seed spread → inconclusive"
+        else:
+            verdict = f"Centrifuge {'lower' if c['diff'] < 0 else 'higher'}, beyond 1% and the seed spread"
+        items.append(f"equal steps, k={k}: {_describe(c)} → {verdict}")
         a, b = arms[fast], arms[slow]
         speed = a["median_step_s"] / b["median_step_s"]
         budget = min(a["curve"][-1]["seconds"], b["curve"][-1]["seconds"])

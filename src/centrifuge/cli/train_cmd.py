@@ -45,20 +45,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from centrifuge.train import distributed
     from centrifuge.train.config import dump_yaml
     from centrifuge.train.errors import TrainError
     from centrifuge.train.loop import load_run_config, run_training
 
+    # Under torchrun every rank reads the same config and files, so bad input fails alike on all of them:
+    # rank 0 alone reports it.
+    main = os.environ.get("RANK", "0") == "0"
     try:
         config = load_run_config(args.config, args.overrides, resume=args.resume)
         if args.print_config:
-            sys.stdout.write(dump_yaml(config))
+            if main:
+                sys.stdout.write(dump_yaml(config))
             return 0
         result = run_training(config, resume=args.resume)
     except TrainError as err:
-        print(f"centrifuge train: error: {err}", file=sys.stderr)
+        if main:
+            print(f"centrifuge train: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("centrifuge train: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return result.exit_code

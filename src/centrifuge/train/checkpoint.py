@@ -11,6 +11,15 @@ Layout of ``<run>/checkpoints/step-0000120/``:
 - ``state.json`` (written last): step, data position, scheduler state, optimizer hyper-parameters per
   group (parameters by name), python and numpy RNG states, the run's config, and the size of every file.
 
+Under ``torchrun`` (``centrifuge.train.distributed``) the checkpoint is the same *full* one, written by rank 0:
+DDP ranks hold identical weights; FSDP2 shards are gathered (``get_model_state_dict`` /
+``get_optimizer_state_dict`` with ``full_state_dict``, to rank 0's CPU) and, on loading, every rank reads the
+files and keeps its shard (``set_model_state_dict`` / ``set_optimizer_state_dict``). Every rank's torch RNG
+state is stored (``rng.safetensors``: rank 0's under the plain keys, rank r's as ``rank<r>/<key>``) and
+``state.json`` records ``world_size``; resuming with another number of ranks is refused (one
+``CheckpointError``), since each rank's RNG stream and batch share belong to its rank. The files must be on a
+file system every rank sees.
+
 A checkpoint is written in a temporary directory next to its final place and moved there with one
 ``os.replace``, so a crash (even SIGKILL) leaves either the whole checkpoint or none. Only the newest
 ``keep`` are kept. Loading checks every file (present, full size, readable header, same parameter names and
@@ -31,11 +40,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_model_weights
 from torch import nn
 
+from centrifuge.train import distributed
 from centrifuge.train.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -94,17 +105,31 @@ def save_checkpoint(
     final = os.path.join(root, checkpoint_name(step))
     if os.path.isdir(final):  # e.g. SIGTERM right after the periodic save of the same step
         return final
+    # Collectives first, on every rank (each checked `final` above before rank 0 can have created it).
+    rank, world = _rank_world()
+    model = distributed.unwrap(model)
+    sharded = distributed.is_fsdp2(model)
+    full_model = _gathered_model_state(model) if sharded else None
+    full_optim = _gathered_optimizer_state(model, optimizer) if sharded else None
+    rng = _torch_rng_tensors_all_ranks(rank, world)
+    if rank != 0:
+        dist.barrier()  # rank 0 has written (and pruned) the checkpoint
+        return final
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root)
     try:
-        save_model(model, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+        if sharded:
+            save_file(_without_aliases(model, full_model), os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
+        else:
+            save_model(model, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
         if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
             model.config.to_json_file(os.path.join(tmp, "config.json"))
         if tokenizer_dir is not None:
             for name in sorted(os.listdir(tokenizer_dir)):
                 shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
-        groups, scalars = _save_optimizer(model, optimizer, os.path.join(tmp, OPTIMIZER_FILE))
-        save_file(_torch_rng_tensors(), os.path.join(tmp, RNG_FILE))
+        by_name = _optimizer_by_name(model, optimizer) if full_optim is None else _named_full_optimizer(full_optim)
+        groups, scalars = _save_optimizer(*by_name, os.path.join(tmp, OPTIMIZER_FILE))
+        save_file(rng, os.path.join(tmp, RNG_FILE))
         names = [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE]
         plugin_tensors = {f"{plugin}{_SEP}{key}": t.detach().contiguous().cpu()
                           for plugin, tensors in (plugin_state or {}).items() for key, t in tensors.items()}
@@ -115,6 +140,7 @@ def save_checkpoint(
         state = {
             "format_version": FORMAT_VERSION,
             "step": step,
+            "world_size": world,
             "files": files,
             "optimizer_groups": groups,
             "optimizer_scalars": scalars,
@@ -132,6 +158,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     prune_checkpoints(run_dir, keep=keep)
+    if world > 1:
+        dist.barrier()
     return final
 
 
@@ -147,10 +175,10 @@ def prune_checkpoints(run_dir: str, *, keep: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> tuple[list, dict]:
+def _optimizer_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """(parameter name -> its optimizer state, param groups with parameter names) of a local optimizer."""
     names = _param_names(model)
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     groups = []
     for group in optimizer.param_groups:
         group_names = []
@@ -159,14 +187,60 @@ def _save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: st
             if name is None:
                 raise ValueError("the optimizer holds a parameter that is not part of the model")
             group_names.append(name)
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    tensors[f"{name}{_SEP}{key}"] = value.detach().contiguous()
-                else:
-                    scalars.setdefault(name, {})[key] = value
-        groups.append({**_json_able({k: v for k, v in group.items() if k != "params"}), "params": group_names})
+            if p in optimizer.state:
+                state[name] = optimizer.state[p]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": group_names})
+    return state, groups
+
+
+def _named_full_optimizer(full: dict[str, Any]) -> tuple[dict, list]:
+    """The same from ``get_optimizer_state_dict(full_state_dict=True)``, which is keyed by name already."""
+    return full["state"], full["param_groups"]
+
+
+def _save_optimizer(state: dict[str, dict[str, Any]], groups: list[dict], path: str) -> tuple[list, dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, values in state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}{_SEP}{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(name, {})[key] = value
     save_file(tensors, path)
-    return groups, scalars
+    saved_groups = [{**_json_able({k: v for k, v in g.items() if k != "params"}), "params": list(g["params"])}
+                    for g in groups]
+    return saved_groups, scalars
+
+
+def _gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP2 model on rank 0's CPU (empty on other ranks). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimizer state of an FSDP2 model, keyed by parameter name, on rank 0's CPU. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names of tied parameters, grouped (the first name of each group is the one ``named_parameters`` gives)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with one name per tied parameter (safetensors refuses shared tensors; ``save_model`` does
+    the same for a local model)."""
+    drop = {name for names in _alias_groups(model) for name in names[1:]}
+    return {k: v.contiguous() for k, v in state.items() if k not in drop}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -207,6 +281,8 @@ def load_checkpoint(
     Everything is validated before anything is modified. RNG states are not applied here: call
     ``restore_rng(state)`` right before training resumes, after anything else that draws random numbers."""
     state = read_state(ckpt_dir)
+    check_world_size(ckpt_dir, state)
+    model = distributed.unwrap(model)
     model_shapes = _header_shapes(ckpt_dir, MODEL_FILE)
     optim_shapes = _header_shapes(ckpt_dir, OPTIMIZER_FILE)
     _header_shapes(ckpt_dir, RNG_FILE)
@@ -214,19 +290,64 @@ def load_checkpoint(
     _check_optimizer(ckpt_dir, model, optimizer, state, optim_shapes)
 
     device = next(model.parameters()).device
+    sharded = distributed.is_fsdp2(model)
     try:
-        missing, unexpected = load_model_weights(model, os.path.join(ckpt_dir, MODEL_FILE), device=str(device))
+        if sharded:
+            weights = load_file(os.path.join(ckpt_dir, MODEL_FILE))
+            missing, unexpected = [], []
+        else:
+            missing, unexpected = load_model_weights(model, os.path.join(ckpt_dir, MODEL_FILE), device=str(device))
         optim_tensors = load_file(os.path.join(ckpt_dir, OPTIMIZER_FILE))
         rng_tensors = load_file(os.path.join(ckpt_dir, RNG_FILE))
     except Exception as err:  # a header that parses but data that does not
         raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {err}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds another model ({missing or unexpected})")
-    optimizer.load_state_dict(_optimizer_state_dict(model, optimizer, state, optim_tensors))
+    if sharded:
+        _load_sharded(model, optimizer, state, weights, optim_tensors)
+    else:
+        optimizer.load_state_dict(_optimizer_state_dict(model, optimizer, state, optim_tensors))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     state["_rng_tensors"] = rng_tensors  # for restore_rng, once every random init is done
     return state
+
+
+def check_world_size(ckpt_dir: str, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint written by another number of ranks (``CheckpointError``)."""
+    saved, (_, world) = int(state.get("world_size", 1)), _rank_world()
+    if saved != world:
+        how = "one process" if saved == 1 else f"torchrun --nproc-per-node {saved}"
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} was written by a run of {saved} process(es) and this run has {world}; "
+            f"resume with {how} (each rank's data share and RNG state belong to its rank)"
+        )
+
+
+def _load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                  weights: dict[str, torch.Tensor], optim_tensors: dict[str, torch.Tensor]) -> None:
+    """Full weights and optimizer state into an FSDP2 model: every rank keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    for names in _alias_groups(model):  # the file holds one name per tied parameter
+        present = next((weights[n] for n in names if n in weights), None)
+        if present is not None:
+            weights.update({n: present for n in names})
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    per_param: dict[str, dict[str, Any]] = {}
+    for key, value in optim_tensors.items():
+        name, _, sub = key.partition(_SEP)
+        per_param.setdefault(name, {})[sub] = value
+    for name, values in state.get("optimizer_scalars", {}).items():
+        per_param.setdefault(name, {}).update(values)
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in state["optimizer_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups}, options=options)
 
 
 def load_plugin_state(ckpt_dir: str, plugins: dict[str, Any]) -> None:
@@ -273,7 +394,7 @@ def _check_model(ckpt_dir: str, model: nn.Module, saved: dict[str, tuple[int, ..
     expected = model.state_dict()
     by_storage: dict[int, list[str]] = {}  # tied weights share storage; the file holds one of the names
     for key, tensor in expected.items():
-        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(key)
+        by_storage.setdefault(_storage_key(tensor), []).append(key)
     for key, tensor in expected.items():
         if key in saved:
             if saved[key] != tuple(tensor.shape):
@@ -281,11 +402,17 @@ def _check_model(ckpt_dir: str, model: nn.Module, saved: dict[str, tuple[int, ..
                     f"checkpoint {ckpt_dir} holds a different model: {key} is {list(saved[key])} there "
                     f"but {list(tensor.shape)} in this model"
                 )
-        elif not any(alias in saved for alias in by_storage[tensor.untyped_storage().data_ptr()]):
+        elif not any(alias in saved for alias in by_storage[_storage_key(tensor)]):
             raise CheckpointError(f"checkpoint {ckpt_dir} holds a different model: it has no {key}")
     extra = sorted(set(saved) - set(expected))
     if extra:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds a different model: {extra[0]} is not in this model")
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    """What tied tensors share: their storage, or for FSDP2 shards (``DTensor``, no storage of their own) the
+    parameter object itself."""
+    return id(tensor) if hasattr(tensor, "to_local") else tensor.untyped_storage().data_ptr()
 
 
 def _check_optimizer(
@@ -337,6 +464,25 @@ def _optimizer_state_dict(
 # -------------------------------------------------------------------------------------------------- RNG
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _torch_rng_tensors_all_ranks(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Rank 0's RNG tensors under their plain keys plus rank r's as ``rank<r>/<key>`` (collective)."""
+    own = _torch_rng_tensors()
+    if world == 1:
+        return own
+    every: list[dict[str, torch.Tensor] | None] = [None] * world
+    dist.all_gather_object(every, own)  # between this job's own processes; nothing is read from disk
+    out = dict(every[0])
+    for r in range(1, world):
+        out.update({f"rank{r}/{key}": value for key, value in every[r].items()})
+    return out
+
+
 def _torch_rng_tensors() -> dict[str, torch.Tensor]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -358,6 +504,10 @@ def _numpy_rng_state() -> list:
 def restore_rng(state: dict) -> None:
     """Apply the torch / python / numpy RNG states of a ``state`` returned by ``load_checkpoint``."""
     tensors = state["_rng_tensors"]
+    rank, _ = _rank_world()
+    if rank > 0:
+        prefix = f"rank{rank}/"
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     torch.set_rng_state(tensors["torch_cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available():

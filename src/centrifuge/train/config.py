@@ -85,7 +85,7 @@ class TrainSection:
 
     out_dir: str = "runs/{time}"  # run directory; "{time}" becomes the start time (YYYYmmdd-HHMMSS)
     steps: int = 200  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch (the global one: torchrun's ranks take equal shares)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
@@ -98,8 +98,12 @@ class TrainSection:
     seed: int = 0  # model init, data order and every RNG; CPU runs are bit-for-bit reproducible
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
+    distributed: str = "auto"  # under torchrun: "auto" (= ddp), "ddp" or "fsdp2"; one process: ignored
 
     def validate(self) -> None:
+        from centrifuge.train.distributed import STRATEGIES
+
+        _require_choice(self.distributed, "train.distributed", STRATEGIES)
         _require(self.steps >= 1, "train.steps", "must be at least 1", self.steps)
         _require(self.batch_size >= 1, "train.batch_size", "must be at least 1", self.batch_size)
         _require(self.grad_accum >= 1, "train.grad_accum", "must be at least 1", self.grad_accum)

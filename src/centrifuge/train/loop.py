@@ -9,6 +9,10 @@ directory as it was. ``execute_run`` then writes the run:
 SIGINT / SIGTERM during the loop finish the current step, save a checkpoint and return (exit code
 128 + signal number); a second signal interrupts at once (the atomic checkpoint writer leaves no debris).
 
+Under ``torchrun --nproc-per-node N`` every rank runs this same code (``centrifuge.train.distributed``):
+each takes its share of every global micro-batch, the model is wrapped per ``train.distributed`` (DDP or
+FSDP2), and only rank 0 prints, logs metrics and writes the run directory and checkpoints.
+
 Plug-ins (token filtering, neuron omission) receive a ``RunContext`` once the model and optimizer exist and
 may replace its ``loss_fn`` or add ``hooks``; ``default_plugins`` lists the ones built from config sections.
 """
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from centrifuge.train import checkpoint as ckpt
+from centrifuge.train import distributed
 from centrifuge.train.config import (
     Config,
     apply_overrides,
@@ -70,6 +75,8 @@ class RunContext:
     data: Datasets | None = None  # packed train / eval sequences (e.g. to check reference scores against)
     tokenizer: TextTokenizer | None = None
     say: Callable[[str], None] = print  # set-up messages of plug-ins
+    train_model: nn.Module | None = None  # what train_step drives when it is not `model` (a DDP wrapper)
+    dist: distributed.Distributed = field(default_factory=distributed.Distributed)  # this rank's place
     # name -> object with state_dict() / load_state_dict() of tensors, saved in every checkpoint
     plugin_state: dict[str, Any] = field(default_factory=dict)
 
@@ -364,18 +371,20 @@ class PreparedRun:
     state: dict[str, Any] | None = None  # the checkpoint's state.json when resuming
     resume_from: str | None = None
     notes: list[str] = field(default_factory=list)  # settings changed since the checkpoint
+    dist: distributed.Distributed = field(default_factory=distributed.Distributed)
 
 
 def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugin] | None = None) -> PreparedRun:
     """Check everything a user can get wrong and build model, optimizer, data. Writes nothing (except the
     shared tokenizer cache). Raises ``TrainError`` subclasses."""
     config.validate()
-    run_dir = find_run_dir(config.train.out_dir, resume=resume)
-    device = resolve_device(config.train.device)
+    device, info = start_distributed(config)
+    run_dir = _rank_zero_value(find_run_dir(config.train.out_dir, resume=resume), info)  # one `{time}` for all
     resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
     state, notes = None, []
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
+        ckpt.check_world_size(resume_from, state)
         notes = _check_resumable(config, state.get("config") or {}, resume_from)
     hf_config = model_config(config)
     docs, source = read_documents(config.data)
@@ -384,6 +393,7 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     seed_everything(config.train.seed)
     model = build_model(config, hf_config).to(device)
     model.train()
+    train_model = distributed.wrap_model(model, info)  # FSDP2 shards `model` in place: optimizer after it
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     if resume_from is not None:
@@ -395,7 +405,8 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     if state is not None:
         sampler.load_state_dict(state["sampler"])
 
-    context = RunContext(config, model, optimizer, scheduler, device, data=data, tokenizer=tokenizer)
+    context = RunContext(config, model, optimizer, scheduler, device, data=data, tokenizer=tokenizer,
+                         say=print if info.is_main else _quiet, train_model=train_model, dist=info)
     for plugin in default_plugins() if plugins is None else plugins:
         plugin(context)
     if resume_from is not None:
@@ -403,7 +414,7 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     return PreparedRun(
         config, run_dir, device, autocast_dtype_for(config.train.precision, device), context, data, sampler,
         tokenizer, tokenizer_note, start_step=int(state["step"]) if state else 0, state=state,
-        resume_from=resume_from, notes=notes,
+        resume_from=resume_from, notes=notes, dist=info,
     )  # fmt: skip
 
 
@@ -418,16 +429,20 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
     """The writing part of a run: run directory, evaluations, the step loop, checkpoints, the summary."""
     started = time.perf_counter() if started is None else started
     config, ctx, state, t = run.config, run.context, run.state, run.config.train
-    os.makedirs(run.run_dir, exist_ok=True)
+    main = run.dist.is_main  # under torchrun only rank 0 writes and prints
     tokenizer_dir = os.path.join(run.run_dir, TOKENIZER_DIR)
-    if run.resume_from is None:
-        run.tokenizer.save(tokenizer_dir)
-    with open(os.path.join(run.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(dump_yaml(_resolved(config, run.run_dir)))
+    if main:
+        os.makedirs(run.run_dir, exist_ok=True)
+        if run.resume_from is None:
+            run.tokenizer.save(tokenizer_dir)
+        with open(os.path.join(run.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump_yaml(_resolved(config, run.run_dir)))
     resume_step = run.start_step if run.resume_from else None
-    metrics = MetricsLogger(run.run_dir, tensorboard=config.log.tensorboard, resume_step=resume_step)
-    progress = Progress(t.steps, run.start_step, enabled=config.log.progress)
-    say = progress.write
+    metrics = (MetricsLogger(run.run_dir, tensorboard=config.log.tensorboard, resume_step=resume_step) if main
+               else _NoMetrics())
+    progress = Progress(t.steps, run.start_step, enabled=config.log.progress and main)
+    say = progress.write if main else _quiet
+    train_model = ctx.train_model or ctx.model
     _print_header(say, run)
 
     eval_size = config.eval.batch_size or t.batch_size
@@ -462,6 +477,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
     if step >= t.steps:
         say(f"nothing to do: the run is at step {step} and train.steps is {t.steps}")
     stop = StopRequest()
+    stop_signal = None
     try:
         if state is None:
             first_eval = last_eval = run_eval(0)
@@ -469,12 +485,13 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             ckpt.restore_rng(state)  # last: after model init and everything else that draws random numbers
         with stop:
             window_tokens, window_time, step_time = 0, 0.0, None
-            while step < t.steps and stop.signum is None:
+            while step < t.steps and (stop_signal := _agreed_signal(stop.signum, run.dist)) is None:
                 tic = time.perf_counter()
-                micro = [indexed_batch(run.data.train, run.sampler.take(t.batch_size)) for _ in range(t.grad_accum)]
+                micro = [distributed.local_share(indexed_batch(run.data.train, run.sampler.take(t.batch_size)),
+                                                 run.dist) for _ in range(t.grad_accum)]
                 try:
                     stats = train_step(
-                        ctx.model, micro, ctx.optimizer, ctx.scheduler, step=step + 1, loss_fn=ctx.loss_fn,
+                        train_model, micro, ctx.optimizer, ctx.scheduler, step=step + 1, loss_fn=ctx.loss_fn,
                         max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype, hooks=ctx.hooks,
                     )  # fmt: skip
                 except NonFiniteLossError as err:
@@ -492,22 +509,95 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
                     last_eval = run_eval(step) or last_eval
                 if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == t.steps:
                     saved_path = save(step)
-            if stop.signum is not None:
+            if stop_signal is None:  # a signal during the last step (every rank reaches this line)
+                stop_signal = _agreed_signal(stop.signum, run.dist)
+            if stop_signal is not None:
                 saved_path = save(step)
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(stop_signal).name
                 say(f"stopped by {name} after step {step}: checkpoint saved to {saved_path}; continue with --resume")
     finally:
         progress.close()
         metrics.close()
 
     seconds = time.perf_counter() - started
-    result = RunResult(run.run_dir, step, first_eval, last_eval, saved_path, stop.signum, seconds)
-    if stop.signum is None:
+    result = RunResult(run.run_dir, step, first_eval, last_eval, saved_path, stop_signal, seconds)
+    if stop_signal is None:
         _print_summary(say, result)
     return result
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def start_distributed(config: Config) -> tuple[torch.device, distributed.Distributed]:
+    """This rank's device and place in a ``torchrun`` job (one process: the configured device, no group).
+
+    Checks first what every rank would refuse alike (``ConfigError``, nothing joined or written): a
+    ``train.batch_size`` that does not split over the ranks, a ``train.device`` naming one GPU, neuron
+    omission under FSDP2."""
+    import torch.distributed as dist
+
+    t = config.train
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialized else distributed.env_world_size()
+    name = t.device
+    if world > 1:
+        if t.batch_size % world:
+            raise ConfigError(f"train.batch_size={t.batch_size} is the global micro-batch and must split evenly over "
+                              f"the {world} ranks; use a multiple of {world}")
+        if t.distributed == "fsdp2" and config.neurons.enabled:
+            # the omitter slices weights and protects optimizer rows of whole tensors, not of FSDP2 shards
+            raise ConfigError("neurons: neuron omission does not support train.distributed=fsdp2 yet; "
+                              "use train.distributed=ddp")
+        try:
+            name = distributed.rank_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    device = resolve_device(name)
+    return device, distributed.init_distributed(t.distributed, device)
+
+
+def _rank_zero_value(value: str, info: distributed.Distributed) -> str:
+    """Rank 0's ``value`` on every rank (e.g. a ``{time}`` run directory resolved a second apart)."""
+    if not info.enabled:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _agreed_signal(signum: int | None, info: distributed.Distributed) -> int | None:
+    """The stop signal any rank has received (ranks see SIGINT / SIGTERM at different steps; all must stop
+    after the same one, or the next step's collectives would wait forever)."""
+    if not info.enabled:
+        return signum
+    import torch.distributed as dist
+
+    flag = torch.tensor([signum or 0], device=_collective_device(info))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def _collective_device(info: distributed.Distributed) -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _quiet(message: str) -> None:
+    """``say`` on ranks other than 0."""
+
+
+class _NoMetrics:
+    """The metrics logger of ranks other than 0."""
+
+    def log(self, step: int, kind: str, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def indexed_batch(dataset: Any, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -547,6 +637,10 @@ def _print_header(say: Callable[[str], None], run: PreparedRun) -> None:
         f"train: {t.steps} steps x {t.grad_accum} x {t.batch_size} sequences x {config.data.seq_len} tokens, "
         f"AdamW lr {t.lr:g} (warm-up {t.warmup_steps}, cosine to {t.lr * t.min_lr_ratio:g})"
     )
+    if run.dist.enabled:
+        world = run.dist.world_size
+        say(f"distributed: {world} ranks ({run.dist.strategy}), each takes {t.batch_size // world} of the "
+            f"{t.batch_size} sequences of every micro-batch")
     if (note := busy_cpu_note(run.device)) is not None:
         say(note)
 

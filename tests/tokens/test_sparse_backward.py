@@ -267,3 +267,17 @@ def test_apply_revert_and_errors(gen):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(centrifuge.UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         centrifuge.apply(gpt2)
+
+
+def test_patched_forward_keeps_the_original_signature():
+    """Tools that read inputs from the forward's signature (HF Trainer drops unnamed columns) still see them."""
+    import inspect
+
+    model = tiny_model("llama")
+    before = inspect.signature(model.forward).parameters
+    centrifuge.apply(model)
+    after = inspect.signature(model.forward).parameters
+    assert list(after)[: len(before) - 1] == [p for p in before if before[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    assert {"keep_mask", "select", "num_items_in_batch"} <= set(after)
+    centrifuge.revert(model)
+    assert inspect.signature(model.forward).parameters == before

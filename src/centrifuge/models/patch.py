@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import types
 
@@ -107,6 +108,7 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
         return run(self, spec, keep_mask=keep_mask, select=select, num_items_in_batch=num_items_in_batch,
                    return_token_loss=return_token_loss, **kwargs)
 
+    forward.__signature__ = _patched_signature(original)
     model.forward = types.MethodType(forward, model)
     if mode == "fast":  # the token-sparse step runs each decoder layer through its own module call (FSDP2 hooks)
         for layer in model.model.layers:
@@ -114,6 +116,24 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
     log.info("centrifuge: patched %s (model_type=%s, mode=%s, %d layers)", type(model).__name__,
              spec.model_type, mode, len(model.model.layers))
     return model
+
+
+_ADDED = ("keep_mask", "select", "num_items_in_batch", "return_token_loss")
+
+
+def _patched_signature(original) -> inspect.Signature:
+    """The original forward's signature plus the keyword-only selection arguments, with ``self`` first.
+
+    Tools that read a model's inputs from its forward's signature (HF ``Trainer`` drops dataset columns the
+    forward does not name) then still see ``input_ids``, ``labels``, ... ."""
+    kind = inspect.Parameter
+    params = list(inspect.signature(original).parameters.values())
+    named = {p.name for p in params}
+    var_kw = [p for p in params if p.kind is kind.VAR_KEYWORD]
+    head = [p for p in params if p.kind is not kind.VAR_KEYWORD]
+    added = [kind(n, kind.KEYWORD_ONLY, default=False if n == "return_token_loss" else None)
+             for n in _ADDED if n not in named]
+    return inspect.Signature([kind("self", kind.POSITIONAL_OR_KEYWORD), *head, *added, *var_kw])
 
 
 def revert(model: nn.Module) -> nn.Module:

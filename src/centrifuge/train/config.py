@@ -186,11 +186,11 @@ class TokensSection:
     schedule: str = "constant"  # constant | linear | cosine | ladder, over the run's steps
     schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. {end: 0.3} (start = keep_ratio)
     attention: str = "auto"  # attention backend of the fast path: auto | math | flash | sdpa | triton
+    compile: bool | None = None  # torch.compile the fast path's norms / RoPE / SwiGLU; null = on CUDA
     reference_scores: str | None = None  # directory written by `centrifuge score-reference`
     reference_model: str | None = None  # local model directory: score online, one no-grad forward a step
 
     def validate(self) -> None:
-    compile: bool | None = None  # torch.compile the fast path's norms / RoPE / SwiGLU; null = on CUDA
         from centrifuge.ops.attention import BACKENDS
         from centrifuge.schedules import KINDS
         from centrifuge.tokens.forward import MODES

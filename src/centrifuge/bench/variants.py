@@ -343,7 +343,7 @@ class _CentrifugeVariant(Variant):
 
     uses_keep = True
     mode: ClassVar[str] = "fast"
-    compile: ClassVar[bool] = False
+    compile: ClassVar[bool | None] = None  # apply's default: compiled element-wise ops on CUDA
     attention: ClassVar[str] = "auto"
     unavailable = classmethod(lambda cls: _centrifuge_missing())
     work = token_sparse_work
@@ -362,10 +362,17 @@ class _CentrifugeVariant(Variant):
 @register
 class CentrifugeBefore(_CentrifugeVariant):
     name = "centrifuge"
-    help = "Centrifuge token-sparse backward, keep mask known before the forward (keep_mask=)"
+    help = "Centrifuge token-sparse backward, keep mask known before the forward (keep_mask=); apply defaults"
 
     def forward(self, run: Run) -> torch.Tensor:
         return run.model(input_ids=run.input_ids, labels=run.labels, keep_mask=run.keep).loss
+
+
+@register
+class CentrifugeEager(CentrifugeBefore):
+    name = "centrifuge_eager"
+    help = "as centrifuge, with the element-wise ops eager (apply(compile=False))"
+    compile = False
 
 
 @register

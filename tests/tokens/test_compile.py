@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from token_models import VOCAB, max_rel_err, run_mode, tiny_model
+from token_models import VOCAB, grads_of, max_rel_err, run_mode, tiny_model
 
+import centrifuge
 from centrifuge.ops import elementwise
 
 
@@ -60,3 +61,32 @@ def test_each_piece_is_one_graph_and_matches_the_hf_module():
             assert torch.equal(got, want)
     explained = torch._dynamo.explain(elementwise.swiglu)(torch.randn(7, 5), torch.randn(7, 5))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def _break_count(layers: int, gen) -> int:
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=layers)
+    ids = torch.randint(0, VOCAB, (2, 32), generator=gen)
+    keep = torch.rand(2, 32, generator=gen) < 0.5
+    centrifuge.apply(model, compile=True)
+    explained = torch._dynamo.explain(lambda i, k: model(input_ids=i, labels=i, keep_mask=k).loss)(ids, keep)
+    return explained.graph_break_count
+
+
+def test_compiling_a_patched_model_breaks_only_in_the_per_forward_setup(gen):
+    """``torch.compile(model)`` on a patched model: the graph breaks (host syncs for the token layout and
+    the kept count) do not grow with the number of layers, i.e. none is in the layer hot path."""
+    assert _break_count(2, gen) == _break_count(4, gen)
+
+
+def test_torch_compile_of_a_patched_model_gives_the_same_gradients(gen):
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, VOCAB, (2, 29), generator=gen)
+    keep = torch.rand(2, 29, generator=gen) < 0.5
+    centrifuge.apply(model, compile=False)
+    model(input_ids=ids, labels=ids, keep_mask=keep).loss.backward()
+    eager = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(input_ids=ids, labels=ids, keep_mask=keep).loss.backward()
+    assert max_rel_err(grads_of(model), eager) < 1e-12

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from token_models import VOCAB, max_rel_err, run_mode, tiny_model
+from token_models import VOCAB, max_rel_err, patched_forward_saving, run_mode, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
-
-import centrifuge
 
 
 def _checkpointed(model):
@@ -39,21 +37,9 @@ def test_checkpointed_fast_path_equals_reference(model_type, timing, gen):
 
 
 def _saved_and_backward_flops(model, ids, keep) -> tuple[int, int]:
-    saved = 0
-
-    def pack(t):
-        nonlocal saved
-        saved += t.numel()
-        return t
-
-    centrifuge.apply(model)
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(input_ids=ids, labels=ids, keep_mask=keep)
-        with FlopCounterMode(display=False) as counter:
-            out.loss.backward()
-    finally:
-        centrifuge.revert(model)
+    out, saved = patched_forward_saving(model, input_ids=ids, labels=ids, keep_mask=keep)
+    with FlopCounterMode(display=False) as counter:
+        out.loss.backward()  # the replay needs no patch: the graph holds its Functions
     return saved, counter.get_total_flops()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from token_models import VOCAB, grads_of, max_rel_err, run_mode, tiny_model
+from token_models import VOCAB, grads_of, max_rel_err, patched_forward_saving, run_mode, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import centrifuge
@@ -189,24 +189,8 @@ def test_mask_before_forward_saves_only_kept_rows(gen):
     keep = torch.zeros(2, 64, dtype=torch.bool)
     keep[:, ::4] = True
 
-    def saved_numel(**kwargs) -> int:
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel()
-            return t
-
-        centrifuge.apply(model)
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(input_ids=ids, labels=ids, **kwargs)
-        finally:
-            centrifuge.revert(model)
-        return total
-
-    after = saved_numel(select=lambda *, scores, valid: keep & valid)
-    before = saved_numel(keep_mask=keep)
+    _, after = patched_forward_saving(model, input_ids=ids, labels=ids, select=lambda *, scores, valid: keep & valid)
+    _, before = patched_forward_saving(model, input_ids=ids, labels=ids, keep_mask=keep)
     assert before < 0.45 * after
 
 

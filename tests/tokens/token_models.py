@@ -44,6 +44,25 @@ def run_mode(model, mode: str, *, attention: str = "auto", compile: bool = False
         centrifuge.revert(model)
 
 
+def patched_forward_saving(model, **inputs):
+    """Patch ``model`` (fast mode), run one forward, unpatch; returns (output, numel of every tensor autograd
+    saved for the backward)."""
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel()
+        return t
+
+    centrifuge.apply(model)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**inputs)
+    finally:
+        centrifuge.revert(model)
+    return out, saved
+
+
 def max_rel_err(got: dict, ref: dict) -> float:
     assert got.keys() == ref.keys(), (sorted(set(got) ^ set(ref)))
     worst = 0.0

@@ -8,13 +8,11 @@ import torch
 from token_models import VOCAB, max_rel_err, patched_forward_saving, run_mode, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
+from centrifuge.models.checkpointing import enable_activation_checkpointing
+
 
 def _checkpointed(model):
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the newer name (transformers >= 5.2x)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_activation_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     return model.train()
 

@@ -81,3 +81,18 @@ def test_bad_neuron_settings_are_one_clear_error(sets, fragment, fast_overrides,
     with pytest.raises(ConfigError, match=fragment):
         run_training(load_config(None, fast_overrides(*sets)))
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpointing_tokens_and_neurons_together_equal_the_plain_run(tmp_path, fast_overrides):
+    """train.activation_checkpointing recomputes instead of saving; the weights land where they land without."""
+    runs = {}
+    for ckpt_on in (False, True):
+        sets = ["train.steps=3", f"train.activation_checkpointing={str(ckpt_on).lower()}", *NEURONS,
+                "tokens.selector=self_loss"]
+        result = run_training(load_config(None, fast_overrides(*sets, out_dir=str(tmp_path / str(ckpt_on)))))
+        runs[ckpt_on] = weights(result.checkpoint)
+    for name, ref in runs[False].items():
+        assert torch.allclose(runs[True][name], ref, rtol=1e-4, atol=1e-6), name
+    prepared = prepare_run(load_config(None, fast_overrides("train.activation_checkpointing=true",
+                                                            out_dir=str(tmp_path / "check"))))
+    assert all(layer.gradient_checkpointing for layer in prepared.context.model.model.layers)

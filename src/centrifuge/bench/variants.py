@@ -428,20 +428,17 @@ DEFAULT_VARIANTS = ("dense", "loss_only", "ideal", "narrow", "narrow_heads", "ce
 
 
 def _ckpt_on(run: Run) -> None:
-    """HF activation checkpointing of every decoder layer, non-reentrant (newer name where it exists)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(run.model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        run.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """HF activation checkpointing of every decoder layer, non-reentrant."""
+    from centrifuge.models.checkpointing import enable_activation_checkpointing
+
+    enable_activation_checkpointing(run.model)
     run.model.train()
 
 
 def _ckpt_off(run: Run) -> None:
-    if hasattr(run.model, "activation_checkpointing_disable"):
-        run.model.activation_checkpointing_disable()
-    else:
-        run.model.gradient_checkpointing_disable()
+    from centrifuge.models.checkpointing import disable_activation_checkpointing
+
+    disable_activation_checkpointing(run.model)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,6 +99,7 @@ class TrainSection:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     distributed: str = "auto"  # under torchrun: "auto" (= ddp), "ddp" or "fsdp2"; one process: ignored
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward (kept rows only)
 
     def validate(self) -> None:
         from centrifuge.train.distributed import STRATEGIES

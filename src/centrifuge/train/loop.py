@@ -231,13 +231,18 @@ def model_config(config: Config) -> Any:
 
 
 def build_model(config: Config, hf_config: Any) -> nn.Module:
+    from centrifuge.models.checkpointing import enable_activation_checkpointing
     from centrifuge.models.presets import build_model as build_preset
     from centrifuge.models.presets import load_model
 
     m = config.model
     if m.path is not None:
-        return load_model(m.path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
-    return build_preset(hf_config, attn_implementation=m.attn_implementation, seed=config.train.seed)
+        model = load_model(m.path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+    else:
+        model = build_preset(hf_config, attn_implementation=m.attn_implementation, seed=config.train.seed)
+    if config.train.activation_checkpointing:  # the token-sparse layers then recompute on kept rows only
+        enable_activation_checkpointing(model)
+    return model
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:

@@ -181,6 +181,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--device", default="cuda")
     p.add_argument("--keep", type=float, default=0.5, help="token keep ratio of the tokens+omission variants")
+    p.add_argument("--eager-elementwise", action="store_true",
+                   help="token-sparse variants with apply(compile=False) instead of apply's default")
     p.add_argument("--skip-check", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
@@ -230,7 +232,7 @@ def main() -> int:
         omitter.revert()
 
     keep = random_keep_mask(args.batch, args.seq, args.keep, seed=0, device=device)
-    centrifuge.apply(model, mode="fast")
+    centrifuge.apply(model, mode="fast", compile=False if args.eager_elementwise else None)
     run("tokens", model, keep_mask=keep)
     for name, with_heads in (("tokens+omit-mlp", False), ("tokens+omit-mlp+heads", True)):
         omitter = neurons.attach(model, rate=args.rate, metric=args.metric, select=args.select,

@@ -96,7 +96,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from centrifuge.train import checkpoint as ckpt
-    from centrifuge.train import distributed
     from centrifuge.train.config import load_config
     from centrifuge.train.errors import TrainError
     from centrifuge.train.loop import execute_run, prepare_run
@@ -159,14 +158,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             memory = f"peak {max(peak):.1f} GiB/GPU" if cuda else "no CUDA memory on the CPU"
             print(f"[multi_gpu] {args.shape} {args.arm} N={world}: {tps or float('nan'):,.0f} tokens/s, {memory}, "
                   f"{time.perf_counter() - tic:.0f} s", flush=True)
-        if run.dist.enabled:
-            dist.barrier()  # every rank leaves together (a rank destroying its group early can abort a peer)
     except TrainError as err:
         if rank == 0:
             print(f"[multi_gpu] centrifuge train: error: {err}", file=sys.stderr)
         return err.exit_code
-    finally:
-        distributed.shutdown()
+    # No barrier and no destroy_process_group: the last collective (the memory gather) is done, and tearing a
+    # gloo group down hung now and then on a loaded CPU after the run had finished; the caller os._exit()s.
     return result.exit_code
 
 

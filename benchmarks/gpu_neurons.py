@@ -28,6 +28,7 @@ CPU smoke run:       PYTHONPATH=src python3 benchmarks/gpu_neurons.py /tmp/out -
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -130,8 +131,11 @@ def check_correctness(device: torch.device, dtype: torch.dtype) -> dict:
 def time_steps(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, *, warmup: int, reps: int,
                before_forward: Callable[[int], None] | None = None,
                setup_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
-               keep_mask: torch.Tensor | None = None) -> dict:
-    """``warmup + reps`` training steps; returns quantiles of forward / backward / optimizer / step (ms)."""
+               keep_mask: torch.Tensor | None = None, profile_path: str | None = None) -> dict:
+    """``warmup + reps`` training steps; returns quantiles of forward / backward / optimizer / step (ms).
+
+    With ``profile_path``, two more steps run under ``torch.profiler`` and the kernels' table (by device time)
+    is written there."""
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=fused)
     if setup_optimizer is not None:
@@ -159,11 +163,38 @@ def time_steps(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, 
                                ("fwd+bwd", fwd + bwd), ("step", fwd + bwd + opt_ms)):
                 parts[key].append(value)
     out = {key: quantiles(values) for key, values in parts.items()}
+    if profile_path is not None:
+        profile_steps(functools.partial(_one_step, model, ids, opt, before_forward, extra, warmup + reps), device,
+                      profile_path)
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out["loss_last"] = float(loss.detach().float().item())
     del opt
     return out
+
+
+def _one_step(model, ids, opt, before_forward, extra: dict, step: int) -> None:
+    if before_forward is not None:
+        before_forward(step)
+    model(input_ids=ids, labels=ids, use_cache=False, **extra).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def profile_steps(step_fn: Callable[[], None], device: torch.device, path: str, *, steps: int = 2) -> None:
+    """Run ``step_fn`` ``steps`` times under ``torch.profiler``; write the op / kernel table sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step_fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"{steps} steps\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
 
 
 def main() -> int:
@@ -184,6 +215,7 @@ def main() -> int:
     p.add_argument("--eager-elementwise", action="store_true",
                    help="token-sparse variants with apply(compile=False) instead of apply's default")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile (OUT_DIR/profile_NAME.txt)")
     args = p.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     device = torch.device(args.device)
@@ -210,8 +242,12 @@ def main() -> int:
     ids = torch.randint(1, config.vocab_size, (args.batch, args.seq), device=device)
     timing: dict[str, dict] = {}
 
+    profiled = set(filter(None, args.profile.split(",")))
+
     def run(name: str, model, **kw) -> None:
-        timing[name] = time_steps(model, ids, device, warmup=args.warmup, reps=args.reps, **kw)
+        safe = name.replace("/", "_").replace("+", "_")  # the device returns plain file names only
+        path = os.path.join(args.out_dir, f"profile_{safe}.txt") if name in profiled else None
+        timing[name] = time_steps(model, ids, device, warmup=args.warmup, reps=args.reps, profile_path=path, **kw)
         print(f"{name:22s} step {timing[name]['step']['median']:9.2f} ms  "
               f"fwd+bwd {timing[name]['fwd+bwd']['median']:9.2f} ms", flush=True)
         free(device)

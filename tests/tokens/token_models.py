@@ -32,9 +32,9 @@ def grads_of(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def run_mode(model, mode: str, *, attention: str = "auto", compile: bool = False, **inputs):
+def run_mode(model, mode: str, *, attention: str = "auto", compile: bool = False, backward: str = "auto", **inputs):
     """One forward + backward in ``mode``; returns (output, grads). Leaves the model unpatched."""
-    centrifuge.apply(model, mode=mode, attention=attention, compile=compile)
+    centrifuge.apply(model, mode=mode, attention=attention, compile=compile, backward=backward)
     try:
         model.zero_grad(set_to_none=True)
         out = model(**inputs)

@@ -48,7 +48,11 @@ class PatchState:
     original_attn_implementation: str | None = None  # restored by revert (reference mode switches it)
 
 
-def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", compile: bool | None = None) -> nn.Module:
+BACKWARDS = ("auto", "replay")
+
+
+def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", compile: bool | None = None,
+          backward: str = "auto") -> nn.Module:
     """Patch ``model`` (an HF causal LM of a supported ``model_type``) in place and return it.
 
     Args:
@@ -62,14 +66,20 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
             ``torch.compile`` (``centrifuge.ops.elementwise``; one graph for every kept count, no graph
             breaks). The GEMMs and attention are already single kernels and stay as they are. None (the
             default): compiled for CUDA inputs, eager on the CPU.
+        backward: fast mode: "auto" (the default) computes each layer's kept-rows backward with explicit
+            formulas (``centrifuge.tokens.direct``) where the layer allows it — plain ``nn.Linear``
+            projections, RMSNorm, SiLU, no autocast — and replays a small autograd graph elsewhere (PEFT
+            layers, autocast); "replay" always replays (the general path, heavier on the host).
 
     After ``apply``: ``model(input_ids=..., labels=..., keep_mask=keep)`` or ``model(..., select=fn)``
     returns a ``TokenFilterOutput``; without either it is the original forward.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"unknown backward {backward!r}; choose one of {', '.join(BACKWARDS)}")
     if _is_peft(model):  # PEFT (LoRA): patch the wrapped causal LM; PeftModel.forward passes keep_mask through
-        apply(model.get_base_model(), mode=mode, attention=attention, compile=compile)
+        apply(model.get_base_model(), mode=mode, attention=attention, compile=compile, backward=backward)
         return model
     from centrifuge.ops.attention import BACKENDS
 
@@ -87,7 +97,7 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
     setattr(model, _STATE_ATTR, state)
     elementwise = "auto" if compile is None else ("compiled" if compile else "eager")
     if mode == "fast":
-        run = functools.partial(fast_forward, attention=attention, elementwise=elementwise)
+        run = functools.partial(fast_forward, attention=attention, elementwise=elementwise, backward=backward)
     else:
         run = functools.partial(reference_forward, detach_filtered_kv=(mode == "reference"))
 

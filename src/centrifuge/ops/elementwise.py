@@ -50,12 +50,61 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
-            and isinstance(getattr(module, "weight", None), torch.Tensor))
+# ---- their backward formulas, for the hand-written kept-rows backward (``centrifuge.tokens.direct``). Each
+# follows autograd's own decomposition of the forward above, op by op and in the same precisions, so that in
+# float64 the two agree to rounding of the last bit.
 
 
-def _is_silu(mlp: nn.Module) -> bool:
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Backward of ``rms_norm``: grad, x [R, ..., d] → (dx [like x], dweight [d] in grad's opmath dtype)."""
+    h = x.to(torch.float32)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    normed = h * r
+    acc = _opmath(grad.dtype)
+    dweight = (grad.to(acc) * normed.to(x.dtype).to(acc)).flatten(0, -2).sum(0)
+    dn = (grad * weight).to(x.dtype).to(torch.float32)
+    d_var = -0.5 * (dn * h).sum(-1, keepdim=True) * r.pow(3)
+    dh = dn * r + (d_var.expand_as(h) / h.shape[-1]) * (2 * h)
+    return dh.to(x.dtype), dweight
+
+
+def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
+    """The transpose of ``_rotate_half`` (its backward)."""
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
+
+
+def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Backward of ``rope``: dq [R, H, D], dk [R, Hkv, D], cos / sin [R, D] → (dq, dk) before rotation."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return dq * cos + _rotate_half_t(dq * sin), dk * cos + _rotate_half_t(dk * sin)
+
+
+def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """Backward of ``swiglu``: grad, gate, up [R, m] → (dgate, dup)."""
+    dup = grad * F.silu(gate)
+    dsilu = grad * up
+    acc = _opmath(gate.dtype)
+    g = gate.to(acc)
+    s = torch.sigmoid(g)
+    return (dsilu.to(acc) * s * (1 + g * (1 - s))).to(gate.dtype), dup
+
+
+# The RMSNorm classes known to compute exactly ``rms_norm`` (other models' norms differ, e.g. Gemma's 1 + w).
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` computes ``rms_norm`` — a known class whose forward was not replaced on the instance."""
+    return (type(module).__name__ in _RMS_NORMS and "forward" not in vars(module)
+            and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor))
+
+
+def is_silu(mlp: nn.Module) -> bool:
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     return act == "silu" or isinstance(getattr(mlp, "act_fn", None), nn.SiLU)
 
@@ -74,6 +123,11 @@ class Eager:
     def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return mlp.act_fn(gate) * up
 
+    # Plain formulas for the hand-written backward (which checks ``is_rms_norm`` / ``is_silu`` first).
+    def fn(self, f):
+        """``f`` itself (eager) — ``Compiled`` returns it compiled."""
+        return f
+
 
 @functools.cache
 def _compiled(fn):
@@ -86,7 +140,7 @@ class Compiled(Eager):
     name = "compiled"
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not _is_rms_norm(module):
+        if not is_rms_norm(module):
             return module(x)
         return _compiled(rms_norm)(x, module.weight, module.variance_epsilon)
 
@@ -94,9 +148,12 @@ class Compiled(Eager):
         return _compiled(rope)(q, k, cos, sin)
 
     def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if not _is_silu(mlp):
+        if not is_silu(mlp):
             return mlp.act_fn(gate) * up
         return _compiled(swiglu)(gate, up)
+
+    def fn(self, f):
+        return _compiled(f)
 
 
 EAGER = Eager()

@@ -232,10 +232,10 @@ def call_layer(layer: nn.Module, h: torch.Tensor, call: LayerCall) -> torch.Tens
 def fast_forward(
     model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
     keep_mask=None, select: Selector | None = None, num_items_in_batch=None, attention: str = "auto",
-    elementwise: str = "eager", return_token_loss: bool = False,
+    elementwise: str = "eager", backward: str = "auto", return_token_loss: bool = False,
 ) -> TokenFilterOutput:
     """The token-sparse forward (see the module docstring for the arguments; ``elementwise``: "eager",
-    "compiled", or "auto" = compiled on CUDA)."""
+    "compiled", or "auto" = compiled on CUDA; ``backward``: "auto" or "replay", see ``centrifuge.apply``)."""
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
     if elementwise == "auto":
         elementwise = "compiled" if input_ids.is_cuda else "eager"
@@ -252,7 +252,7 @@ def fast_forward(
     )
     keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
     step = StepState(layout=layout, cos=cos.reshape(B * T, -1), sin=sin.reshape(B * T, -1), keep=keep_rows,
-                     attention=attention, elementwise=elementwise)
+                     attention=attention, elementwise=elementwise, backward=backward)
     h = embeds.reshape(B * T, -1)
     if not h.requires_grad:  # frozen embeddings (e.g. LoRA): still drive the layers' backward
         h = h.detach().requires_grad_(True)

@@ -44,6 +44,7 @@ from centrifuge.neurons.layers import LayerOmission
 from centrifuge.neurons.plan import LayerPlan
 from centrifuge.ops.attention import choose_backend
 from centrifuge.ops.elementwise import EAGER, ELEMENTWISE, Eager
+from centrifuge.tokens import direct
 from centrifuge.tokens.layout import TokenLayout
 
 Linear = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
@@ -106,6 +107,7 @@ class StepState:
         keep: [M] int64 sorted kept row ids, or None until the selection after the forward sets it.
         attention: backend name ("auto", "math", "flash").
         elementwise: "eager" (the HF modules) or "compiled" (``centrifuge.ops.elementwise``).
+        backward: "auto" (the hand-written backward where it applies) or "replay" (always the autograd replay).
     """
 
     layout: TokenLayout
@@ -114,6 +116,7 @@ class StepState:
     keep: torch.Tensor | None
     attention: str = "auto"
     elementwise: str = "eager"
+    backward: str = "auto"
     _kept_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def require_keep(self) -> torch.Tensor:
@@ -272,10 +275,16 @@ def _autocast_state(device_type: str):
 
 
 class _TokenSparseLayer(torch.autograd.Function):
+    """forward(x, layer, spec, step, layer_idx, direct, *params): ``direct`` = the hand-written backward
+    (``centrifuge.tokens.direct``), which returns the gradients of ``params`` (the layer's parameters, in
+    ``direct.parameters`` order); otherwise ``params`` is empty and the replay accumulates them itself."""
+
     @staticmethod
-    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layer_idx: int):
+    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layer_idx: int, use_direct: bool, *params):
         device_type = x.device.type
         ctx.autocast = _autocast_state(device_type)
+        ctx.direct = use_direct
+        ctx.num_params = len(params)
         outputs: dict[str, torch.Tensor] = {}
         inputs: dict[str, torch.Tensor] = {}
         value_names = _value_outputs(spec)
@@ -354,6 +363,12 @@ class _TokenSparseLayer(torch.autograd.Function):
 
         dy = dense_rows(grad_y, keep)
         layer, spec = ctx.layer, ctx.spec
+        if ctx.direct:
+            dx, param_grads = direct.backward(
+                dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=step.kept_rope()[0],
+                sin=step.kept_rope()[1], attention_backward=attention_backward, ops=ELEMENTWISE[step.elementwise],
+                params=direct.parameters(layer, spec))
+            return sparse_rows(dx, keep, grad_y.shape[0]), None, None, None, None, None, *param_grads
         device_type = dy.device.type
         autocast = (torch.autocast(device_type, dtype=ctx.autocast) if ctx.autocast is not None
                     else torch.autocast(device_type, enabled=False))
@@ -365,12 +380,18 @@ class _TokenSparseLayer(torch.autograd.Function):
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
             y = layer_output(layer, x, o, linear, ops)
             torch.autograd.backward(y, dy.to(y.dtype))
-        return sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None
+        return (sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None, None,
+                *([None] * ctx.num_params))
 
 
 def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: StepState,
                        layer_idx: int) -> torch.Tensor:
-    """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d]."""
-    return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx)
+    """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d].
+
+    The backward is the hand-written one (``centrifuge.tokens.direct``) where it applies and ``step.backward``
+    allows it, else the autograd replay."""
+    use_direct = step.backward != "replay" and direct.supports(layer, spec, _autocast_state(x.device.type))
+    params = [p for _, p in direct.parameters(layer, spec)] if use_direct else []
+    return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx, use_direct, *params)
 
 

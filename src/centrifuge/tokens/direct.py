@@ -1,0 +1,193 @@
+"""The kept-rows backward of a plain Llama-family layer, written out by hand.
+
+``centrifuge.tokens.layer`` replays a small autograd graph per layer in the backward. That is general (any
+``linear``, PEFT modules, autocast), but on a GPU its host cost — ~8 ``autograd.Function`` applications, four
+compiled element-wise graphs with their autograd wrappers and a nested autograd engine run per layer — came
+to about as much time as the GPU work of the layer once the GEMMs had shrunk to the kept rows, so the step
+waited on Python (measured: ``benchmarks/gpu_host_overhead.py``). This module computes the same gradients
+with explicit formulas: 14 GEMMs, a few fused element-wise kernels and the attention backend's kept-token
+backward, no graph. The replay stays the fallback (and is what the tests compare this with).
+
+Supported (``supports``): all seven projections plain ``nn.Linear`` (biases allowed), RMSNorm norms (q/k
+norms included), SiLU gating, no autocast; neuron-omission plans (sliced weights, full-size gradients).
+
+Parameter gradients are *returned* — the layer's parameters are inputs of the layer's autograd function — so
+autograd accumulates them (``AccumulateGrad``): DDP / FSDP hooks and ``register_post_accumulate_grad_hook`` see
+them as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from centrifuge.models.registry import ArchSpec
+from centrifuge.neurons.plan import LayerPlan
+from centrifuge.ops.elementwise import (
+    Eager,
+    is_rms_norm,
+    is_silu,
+    rms_norm,
+    rms_norm_backward,
+    rope_backward,
+    swiglu,
+    swiglu_backward,
+)
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    out = {name: getattr(attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else mlp, name)
+           for name in LINEARS}
+    out["input_layernorm"] = layer.input_layernorm
+    out["post_attention_layernorm"] = layer.post_attention_layernorm
+    if spec.qk_norm:
+        out["q_norm"], out["k_norm"] = attn.q_norm, attn.k_norm
+    return out
+
+
+def supports(layer: nn.Module, spec: ArchSpec, autocast_dtype: torch.dtype | None) -> bool:
+    """Whether ``backward`` computes this layer's gradients (else the replay does)."""
+    if autocast_dtype is not None:
+        return False
+    mods = _modules(layer, spec)
+    return (all(type(mods[name]) is nn.Linear for name in LINEARS)
+            and all(is_rms_norm(m) for name, m in mods.items() if name not in LINEARS)
+            and is_silu(layer.mlp))
+
+
+def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter]]:
+    """The layer's parameters in the order ``backward`` returns their gradients: ("<module>.weight", p), ..."""
+    out = []
+    for name, module in _modules(layer, spec).items():
+        out.append((f"{name}.weight", module.weight))
+        if getattr(module, "bias", None) is not None:
+            out.append((f"{name}.bias", module.bias))
+    return out
+
+
+def _sliced_weight(module: nn.Linear, name: str, plan: LayerPlan | None):
+    """(weight [out', in'], bias [out'] or None, rows, cols) under the omission plan."""
+    weight, bias = module.weight, module.bias
+    rows, cols = (None, None) if plan is None else plan.slices(name)
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    return weight, bias, rows, cols
+
+
+def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """A sliced gradient scattered into a zero gradient of ``param``'s shape (omitted rows / columns: 0)."""
+    if index is None:
+        return grad
+    return torch.zeros_like(param).index_copy_(dim, index, grad)
+
+
+class _Grads:
+    """Collects parameter gradients by name, in ``param`` dtypes and full sizes."""
+
+    def __init__(self, mods: dict[str, nn.Module], plan: LayerPlan | None):
+        self.mods, self.plan, self.grads = mods, plan, {}
+
+    def linear(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Weight (and bias) gradient of linear ``name`` from its output grad dy [M, out'] and input x [M, in']."""
+        module = self.mods[name]
+        rows, cols = (None, None) if self.plan is None else self.plan.slices(name)
+        dw = (dy.t() @ x).to(module.weight.dtype)
+        dw = _full_size(dw, module.weight, rows if rows is not None else cols, 0 if rows is not None else 1)
+        self.grads[f"{name}.weight"] = dw
+        if module.bias is not None:
+            self.grads[f"{name}.bias"] = _full_size(dy.sum(0).to(module.bias.dtype), module.bias, rows, 0)
+
+    def norm(self, name: str, dweight: torch.Tensor) -> None:
+        self.grads[f"{name}.weight"] = dweight.to(self.mods[name].weight.dtype)
+
+    def ordered(self, params: list[tuple[str, nn.Parameter]]) -> tuple[torch.Tensor | None, ...]:
+        return tuple(self.grads.get(name) if p.requires_grad else None for name, p in params)
+
+
+def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerPlan | None,
+             saved: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+             attention_backward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+             ops: Eager, params: list[tuple[str, nn.Parameter]]):
+    """Gradients of one decoder layer on its M kept rows.
+
+    Args:
+        dy: [M, d] gradient of the layer output at the kept rows.
+        saved: kept rows of the forward: ``x`` [M, d] layer input, ``o`` [M, H', D] attention output, and the
+            linear outputs ``o_proj`` [M, d], ``gate_proj`` / ``up_proj`` [M, m'] (and ``q_proj`` / ``k_proj``
+            with q/k norms); a missing linear output is recomputed (activation checkpointing).
+        cos, sin: [M, D] rotary tables of the kept rows.
+        attention_backward: do [M, H', D] → dq [M, H', D], dk, dv [M, Hkv', D] (kept keys).
+        ops: ``ELEMENTWISE[...]`` — eager or compiled element-wise formulas.
+        params: ``parameters(layer, spec)``.
+
+    Returns:
+        (dx [M, d], gradients of ``params`` in order, full-sized; None for frozen ones).
+    """
+    mods = _modules(layer, spec)
+    grads = _Grads(mods, plan)
+    weights = {name: _sliced_weight(mods[name], name, plan) for name in LINEARS}
+    norm_eps = {name: mods[name].variance_epsilon for name in mods if name not in LINEARS}
+
+    def out_of(name: str, x: torch.Tensor) -> torch.Tensor:  # saved linear output, or recomputed (checkpointing)
+        if name in saved:
+            return saved[name]
+        weight, bias = weights[name][:2]
+        return torch.nn.functional.linear(x, weight, bias)
+
+    x, o = saved["x"], saved["o"]
+    M = x.shape[0]
+    o_flat = o.reshape(M, -1)
+    dy = dy.to(x.dtype)
+
+    # ---- MLP: y = h + down(silu(gate(n2)) * up(n2)), n2 = norm2(h), h = x + o_proj(o)
+    h = x + out_of("o_proj", o_flat)
+    n2 = ops.fn(rms_norm)(h, mods["post_attention_layernorm"].weight, norm_eps["post_attention_layernorm"])
+    gate, up = out_of("gate_proj", n2), out_of("up_proj", n2)
+    a = ops.fn(swiglu)(gate, up)
+    grads.linear("down_proj", dy, a)
+    da = dy @ weights["down_proj"][0]
+    dgate, dup = ops.fn(swiglu_backward)(da, gate, up)
+    del a, da
+    grads.linear("gate_proj", dgate, n2)
+    grads.linear("up_proj", dup, n2)
+    dn2 = dgate @ weights["gate_proj"][0] + dup @ weights["up_proj"][0]
+    del dgate, dup, gate, up, n2
+    dh, dnorm = ops.fn(rms_norm_backward)(dn2, h, mods["post_attention_layernorm"].weight,
+                                          norm_eps["post_attention_layernorm"])
+    grads.norm("post_attention_layernorm", dnorm)
+    dh = dh + dy
+    del dn2, h
+
+    # ---- attention: h = x + o_proj(attn(rope(q), rope(k), v)), q / k / v = proj(norm1(x))
+    grads.linear("o_proj", dh, o_flat)
+    do = (dh @ weights["o_proj"][0]).view_as(o)
+    dq, dk, dv = attention_backward(do)
+    del do
+    dq, dk = ops.fn(rope_backward)(dq, dk, cos, sin)
+    n1 = ops.fn(rms_norm)(x, mods["input_layernorm"].weight, norm_eps["input_layernorm"])
+    if spec.qk_norm:  # norms per head between the projections and RoPE
+        D = o.shape[-1]
+        q_lin = out_of("q_proj", n1).view(M, -1, D)
+        k_lin = out_of("k_proj", n1).view(M, -1, D)
+        dq, dqn = ops.fn(rms_norm_backward)(dq.to(q_lin.dtype), q_lin, mods["q_norm"].weight, norm_eps["q_norm"])
+        dk, dkn = ops.fn(rms_norm_backward)(dk.to(k_lin.dtype), k_lin, mods["k_norm"].weight, norm_eps["k_norm"])
+        grads.norm("q_norm", dqn)
+        grads.norm("k_norm", dkn)
+    dq, dk, dv = (t.reshape(M, -1).to(x.dtype) for t in (dq, dk, dv))
+    grads.linear("q_proj", dq, n1)
+    grads.linear("k_proj", dk, n1)
+    grads.linear("v_proj", dv, n1)
+    dn1 = dq @ weights["q_proj"][0] + dk @ weights["k_proj"][0] + dv @ weights["v_proj"][0]
+    del dq, dk, dv
+    dx, dnorm = ops.fn(rms_norm_backward)(dn1, x, mods["input_layernorm"].weight, norm_eps["input_layernorm"])
+    grads.norm("input_layernorm", dnorm)
+    return dx + dh, grads.ordered(params)
+

@@ -256,13 +256,15 @@ class Omitter:
 
     # ------------------------------------------------------------------------------------------ optimizer
 
-    def protect(self, optimizer: torch.optim.Optimizer):
+    def protect(self, optimizer: torch.optim.Optimizer, *, fast: bool | None = None):
         """Keep omitted rows of parameters and of their optimizer state unchanged by ``optimizer.step()``.
 
+        ``fast``: None = masked AdamW update where exact (AdamW / Adam), save / restore elsewhere; True =
+        masked AdamW or an error; False = always save / restore (see ``centrifuge.neurons.optim``).
         Returns the ``OptimizerMask`` (its ``remove()`` takes the hooks off)."""
         from centrifuge.neurons.optim import OptimizerMask
 
-        return OptimizerMask(self, optimizer)
+        return OptimizerMask(self, optimizer, fast=fast)
 
     def omitted_slices(self) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
         """(parameter, dim, ids) of the weights omitted by every plan set since the last optimizer step (a

@@ -1,7 +1,7 @@
 """Is a training step limited by the GPU or by the host (Python, dispatch, kernel launches, synchronisations)?
 
-For each variant (dense; token-sparse with compiled / eager element-wise ops and with stock attention kernels;
-neuron omission; both), three measurements:
+For each variant (dense; token-sparse with compiled / eager element-wise ops, with the autograd replay instead
+of the hand-written backward, and with stock attention kernels; neuron omission; both), three measurements:
 
 * ``host_ms``: the step time of the *same depth* model made so narrow (hidden 256, 4 heads of 64) that GPU
   work is negligible — the host's cost of issuing one step;
@@ -38,7 +38,7 @@ from centrifuge import neurons
 from centrifuge.bench.variants import random_keep_mask
 from centrifuge.models.presets import build_model, preset_config
 
-VARIANTS = ("dense", "tokens", "tokens/eager", "tokens/sdpa", "omit", "tokens+omit")
+VARIANTS = ("dense", "tokens", "tokens/replay", "tokens/eager", "tokens/sdpa", "omit", "tokens+omit")
 
 
 def build(config, device):
@@ -55,7 +55,8 @@ def setup(model, variant: str, keep):
     if variant.startswith("tokens"):
         compile_ = False if variant == "tokens/eager" else None
         attention = "sdpa" if variant == "tokens/sdpa" else "auto"
-        centrifuge.apply(model, mode="fast", compile=compile_, attention=attention)
+        backward = "replay" if variant == "tokens/replay" else "auto"
+        centrifuge.apply(model, mode="fast", compile=compile_, attention=attention, backward=backward)
         kwargs = {"keep_mask": keep}
     if "omit" in variant:
         omitter = neurons.attach(model, rate=0.5, metric="activation", select="sample", heads=True, seed=0)

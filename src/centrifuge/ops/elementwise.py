@@ -78,10 +78,17 @@ def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
 
 
-def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Backward of ``rope``: dq [R, H, D], dk [R, Hkv, D], cos / sin [R, D] → (dq, dk) before rotation."""
+def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  q_dtype: torch.dtype, k_dtype: torch.dtype):
+    """Backward of ``rope``: dq [R, H, D], dk [R, Hkv, D], cos / sin [R, D] → (dq, dk) before rotation, in
+    the dtypes q / k had entering ``rope``. Each term is cast before the sum, as autograd casts each product's
+    gradient to its input's dtype (under autocast, bf16 q times fp32 tables)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return dq * cos + _rotate_half_t(dq * sin), dk * cos + _rotate_half_t(dk * sin)
+
+    def back(d, dtype):
+        return (d * cos).to(dtype) + _rotate_half_t((d * sin).to(dtype))
+
+    return back(dq, q_dtype), back(dk, k_dtype)
 
 
 def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):

@@ -9,7 +9,11 @@ with explicit formulas: 14 GEMMs, a few fused element-wise kernels and the atten
 backward, no graph. The replay stays the fallback (and is what the tests compare this with).
 
 Supported (``supports``): all seven projections plain ``nn.Linear`` (biases allowed), RMSNorm norms (q/k
-norms included), SiLU gating, no autocast; neuron-omission plans (sliced weights, full-size gradients).
+norms included), SiLU gating; neuron-omission plans (sliced weights, full-size gradients); with or without
+autocast. Under autocast (``compute_dtype``, e.g. bf16 with fp32 master weights) every GEMM runs on inputs
+cast to the compute dtype, as autocast's linear did in the forward, and a gradient is cast to the dtype of
+the tensor it belongs to wherever autograd would cast it (the fp32 residual stream and norm outputs, the
+bf16 projection outputs, RoPE's per-term casts) — so the formulas round where the replay rounds.
 
 Parameter gradients are *returned* — the layer's parameters are inputs of the layer's autograd function — so
 autograd accumulates them (``AccumulateGrad``): DDP / FSDP hooks and ``register_post_accumulate_grad_hook`` see
@@ -50,10 +54,8 @@ def _modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     return out
 
 
-def supports(layer: nn.Module, spec: ArchSpec, autocast_dtype: torch.dtype | None) -> bool:
+def supports(layer: nn.Module, spec: ArchSpec) -> bool:
     """Whether ``backward`` computes this layer's gradients (else the replay does)."""
-    if autocast_dtype is not None:
-        return False
     mods = _modules(layer, spec)
     return (all(type(mods[name]) is nn.Linear for name in LINEARS)
             and all(is_rms_norm(m) for name, m in mods.items() if name not in LINEARS)
@@ -82,6 +84,13 @@ def _sliced_weight(module: nn.Linear, name: str, plan: LayerPlan | None):
     return weight, bias, rows, cols
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
+    """a @ b, in ``compute_dtype`` when autocast was on (both operands cast, as autocast's GEMMs do)."""
+    if compute_dtype is not None:
+        a, b = a.to(compute_dtype), b.to(compute_dtype)
+    return a @ b
+
+
 def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
     """A sliced gradient scattered into a zero gradient of ``param``'s shape (omitted rows / columns: 0)."""
     if index is None:
@@ -92,18 +101,19 @@ def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | No
 class _Grads:
     """Collects parameter gradients by name, in ``param`` dtypes and full sizes."""
 
-    def __init__(self, mods: dict[str, nn.Module], plan: LayerPlan | None):
-        self.mods, self.plan, self.grads = mods, plan, {}
+    def __init__(self, mods: dict[str, nn.Module], plan: LayerPlan | None, compute_dtype: torch.dtype | None):
+        self.mods, self.plan, self.compute_dtype, self.grads = mods, plan, compute_dtype, {}
 
     def linear(self, name: str, dy: torch.Tensor, x: torch.Tensor) -> None:
         """Weight (and bias) gradient of linear ``name`` from its output grad dy [M, out'] and input x [M, in']."""
         module = self.mods[name]
         rows, cols = (None, None) if self.plan is None else self.plan.slices(name)
-        dw = (dy.t() @ x).to(module.weight.dtype)
+        dw = _mm(dy.t(), x, self.compute_dtype).to(module.weight.dtype)
         dw = _full_size(dw, module.weight, rows if rows is not None else cols, 0 if rows is not None else 1)
         self.grads[f"{name}.weight"] = dw
         if module.bias is not None:
-            self.grads[f"{name}.bias"] = _full_size(dy.sum(0).to(module.bias.dtype), module.bias, rows, 0)
+            db = (dy if self.compute_dtype is None else dy.to(self.compute_dtype)).sum(0)
+            self.grads[f"{name}.bias"] = _full_size(db.to(module.bias.dtype), module.bias, rows, 0)
 
     def norm(self, name: str, dweight: torch.Tensor) -> None:
         self.grads[f"{name}.weight"] = dweight.to(self.mods[name].weight.dtype)
@@ -115,7 +125,7 @@ class _Grads:
 def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerPlan | None,
              saved: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
              attention_backward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-             ops: Eager, params: list[tuple[str, nn.Parameter]]):
+             ops: Eager, params: list[tuple[str, nn.Parameter]], compute_dtype: torch.dtype | None = None):
     """Gradients of one decoder layer on its M kept rows.
 
     Args:
@@ -127,12 +137,14 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
         attention_backward: do [M, H', D] → dq [M, H', D], dk, dv [M, Hkv', D] (kept keys).
         ops: ``ELEMENTWISE[...]`` — eager or compiled element-wise formulas.
         params: ``parameters(layer, spec)``.
+        compute_dtype: the forward's autocast dtype (GEMMs in it, as autocast's linear), or None.
 
     Returns:
         (dx [M, d], gradients of ``params`` in order, full-sized; None for frozen ones).
     """
     mods = _modules(layer, spec)
-    grads = _Grads(mods, plan)
+    cd = compute_dtype
+    grads = _Grads(mods, plan, cd)
     weights = {name: _sliced_weight(mods[name], name, plan) for name in LINEARS}
     norm_eps = {name: mods[name].variance_epsilon for name in mods if name not in LINEARS}
 
@@ -140,7 +152,12 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
         if name in saved:
             return saved[name]
         weight, bias = weights[name][:2]
+        if cd is not None:
+            x, weight, bias = x.to(cd), weight.to(cd), None if bias is None else bias.to(cd)
         return torch.nn.functional.linear(x, weight, bias)
+
+    def dx_of(name: str, dy: torch.Tensor, like: torch.Tensor) -> torch.Tensor:  # input grad, in the input's dtype
+        return _mm(dy, weights[name][0], cd).to(like.dtype)
 
     x, o = saved["x"], saved["o"]
     M = x.shape[0]
@@ -153,41 +170,45 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
     gate, up = out_of("gate_proj", n2), out_of("up_proj", n2)
     a = ops.fn(swiglu)(gate, up)
     grads.linear("down_proj", dy, a)
-    da = dy @ weights["down_proj"][0]
+    da = dx_of("down_proj", dy, a)
     dgate, dup = ops.fn(swiglu_backward)(da, gate, up)
     del a, da
     grads.linear("gate_proj", dgate, n2)
     grads.linear("up_proj", dup, n2)
-    dn2 = dgate @ weights["gate_proj"][0] + dup @ weights["up_proj"][0]
-    del dgate, dup, gate, up, n2
+    dn2 = dx_of("gate_proj", dgate, n2) + dx_of("up_proj", dup, n2)
+    del dgate, dup, gate, up
     dh, dnorm = ops.fn(rms_norm_backward)(dn2, h, mods["post_attention_layernorm"].weight,
                                           norm_eps["post_attention_layernorm"])
     grads.norm("post_attention_layernorm", dnorm)
     dh = dh + dy
-    del dn2, h
+    del dn2, h, n2
 
     # ---- attention: h = x + o_proj(attn(rope(q), rope(k), v)), q / k / v = proj(norm1(x))
     grads.linear("o_proj", dh, o_flat)
-    do = (dh @ weights["o_proj"][0]).view_as(o)
+    do = dx_of("o_proj", dh, o).view_as(o)
     dq, dk, dv = attention_backward(do)
     del do
-    dq, dk = ops.fn(rope_backward)(dq, dk, cos, sin)
     n1 = ops.fn(rms_norm)(x, mods["input_layernorm"].weight, norm_eps["input_layernorm"])
+    projected = cd if cd is not None else n1.dtype  # dtype of the q / k / v projections' outputs
     if spec.qk_norm:  # norms per head between the projections and RoPE
         D = o.shape[-1]
         q_lin = out_of("q_proj", n1).view(M, -1, D)
         k_lin = out_of("k_proj", n1).view(M, -1, D)
-        dq, dqn = ops.fn(rms_norm_backward)(dq.to(q_lin.dtype), q_lin, mods["q_norm"].weight, norm_eps["q_norm"])
-        dk, dkn = ops.fn(rms_norm_backward)(dk.to(k_lin.dtype), k_lin, mods["k_norm"].weight, norm_eps["k_norm"])
+        qn_dtype = torch.promote_types(mods["q_norm"].weight.dtype, q_lin.dtype)  # the norms' output dtype
+        kn_dtype = torch.promote_types(mods["k_norm"].weight.dtype, k_lin.dtype)
+        dq, dk = ops.fn(rope_backward)(dq, dk, cos, sin, qn_dtype, kn_dtype)
+        dq, dqn = ops.fn(rms_norm_backward)(dq, q_lin, mods["q_norm"].weight, norm_eps["q_norm"])
+        dk, dkn = ops.fn(rms_norm_backward)(dk, k_lin, mods["k_norm"].weight, norm_eps["k_norm"])
         grads.norm("q_norm", dqn)
         grads.norm("k_norm", dkn)
-    dq, dk, dv = (t.reshape(M, -1).to(x.dtype) for t in (dq, dk, dv))
+    else:
+        dq, dk = ops.fn(rope_backward)(dq, dk, cos, sin, projected, projected)
+    dq, dk, dv = (t.reshape(M, -1).to(projected) for t in (dq, dk, dv))
     grads.linear("q_proj", dq, n1)
     grads.linear("k_proj", dk, n1)
     grads.linear("v_proj", dv, n1)
-    dn1 = dq @ weights["q_proj"][0] + dk @ weights["k_proj"][0] + dv @ weights["v_proj"][0]
+    dn1 = dx_of("q_proj", dq, n1) + dx_of("k_proj", dk, n1) + dx_of("v_proj", dv, n1)
     del dq, dk, dv
     dx, dnorm = ops.fn(rms_norm_backward)(dn1, x, mods["input_layernorm"].weight, norm_eps["input_layernorm"])
     grads.norm("input_layernorm", dnorm)
     return dx + dh, grads.ordered(params)
-

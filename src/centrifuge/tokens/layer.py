@@ -190,8 +190,11 @@ class _SavedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, out_values):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        if out_values is None:
-            return x.new_empty(x.shape[0], weight.shape[0])
+        if out_values is None:  # in the dtype the real linear would give (autocast's, if on)
+            device_type = x.device.type
+            dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else torch.promote_types(x.dtype, weight.dtype))
+            return x.new_empty(x.shape[0], weight.shape[0], dtype=dtype)
         return out_values
 
     @staticmethod
@@ -364,10 +367,12 @@ class _TokenSparseLayer(torch.autograd.Function):
         dy = dense_rows(grad_y, keep)
         layer, spec = ctx.layer, ctx.spec
         if ctx.direct:
-            dx, param_grads = direct.backward(
-                dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=step.kept_rope()[0],
-                sin=step.kept_rope()[1], attention_backward=attention_backward, ops=ELEMENTWISE[step.elementwise],
-                params=direct.parameters(layer, spec))
+            with torch.autocast(dy.device.type, enabled=False):  # it casts for itself, to ctx.autocast
+                dx, param_grads = direct.backward(
+                    dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=step.kept_rope()[0],
+                    sin=step.kept_rope()[1], attention_backward=attention_backward,
+                    ops=ELEMENTWISE[step.elementwise], params=direct.parameters(layer, spec),
+                    compute_dtype=ctx.autocast)
             return sparse_rows(dx, keep, grad_y.shape[0]), None, None, None, None, None, *param_grads
         device_type = dy.device.type
         autocast = (torch.autocast(device_type, dtype=ctx.autocast) if ctx.autocast is not None
@@ -390,7 +395,7 @@ def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: 
 
     The backward is the hand-written one (``centrifuge.tokens.direct``) where it applies and ``step.backward``
     allows it, else the autograd replay."""
-    use_direct = step.backward != "replay" and direct.supports(layer, spec, _autocast_state(x.device.type))
+    use_direct = step.backward != "replay" and direct.supports(layer, spec)
     params = [p for _, p in direct.parameters(layer, spec)] if use_direct else []
     return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx, use_direct, *params)
 

@@ -30,7 +30,15 @@ from centrifuge import schedules
 from centrifuge.models.registry import spec_for
 from centrifuge.neurons import importance
 from centrifuge.neurons.layers import STATE_ATTR, LayerOmission, install, uninstall
-from centrifuge.neurons.plan import LayerPlan, OmissionPlan, OmissionRateError, check_rate, kept_count
+from centrifuge.neurons.plan import (
+    LayerPlan,
+    OmissionPlan,
+    OmissionRateError,
+    check_rate,
+    group_rows,
+    keep_vector,
+    kept_count,
+)
 
 log = logging.getLogger("centrifuge")
 _OMITTER_ATTR = "_centrifuge_omitter"
@@ -175,34 +183,51 @@ class Omitter:
     # ------------------------------------------------------------------------------------------ plans
 
     def plan(self, step: int, total_steps: int | None = None) -> OmissionPlan:
-        """Choose the kept units of every omitting layer for ``step``, set them on the layers, return them."""
+        """Choose the kept units of every omitting layer for ``step``, set them on the layers, return them.
+
+        Everything is batched over the layers of a device (one selection per unit kind, and the plans' row
+        ids and keep vectors in a few kernels), so the host cost hardly grows with depth; no synchronisation."""
         rate = self.rate_at(step, total_steps)
         cfg = self.config
-        kept_channels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        kept_groups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        derived: dict[int, dict[str, torch.Tensor]] = {}  # layer → ids and keep vectors (LayerPlan.prefill)
         waiting: set[int] = set()
         if rate > 0.0 and self._layers:
             first = next(iter(self._layers.values()))
+            G, D = first.heads_per_group, first.head_dim
             if cfg.mlp:
                 k = kept_count(first.num_channels, rate, cfg.multiple)
                 if k < first.num_channels:
-                    kept_channels, w = self._choose(step, 0, k, first.num_channels, "mlp_score")
+                    batches, w = self._choose(step, 0, k, first.num_channels, "mlp_score")
                     waiting |= w
+                    for layer_ids, kept, dropped in batches:
+                        keep = keep_vector(dropped, first.num_channels)
+                        for row, i in enumerate(layer_ids):
+                            derived.setdefault(i, {}).update(
+                                channels=kept[row], dropped_channels=dropped[row], keep_channels=keep[row])
             if cfg.heads:
                 k = kept_count(first.num_groups, rate, 1)
                 if k < first.num_groups:
-                    kept_groups, w = self._choose(step, 1, k, first.num_groups, "group_score")
+                    batches, w = self._choose(step, 1, k, first.num_groups, "group_score")
                     waiting |= w
+                    for layer_ids, kept, dropped in batches:
+                        keep = keep_vector(dropped, first.num_groups)  # [L, Hkv]
+                        rows = dict(
+                            q_rows=group_rows(kept, G * D), kv_rows=group_rows(kept, D),
+                            dropped_q_rows=group_rows(dropped, G * D), dropped_kv_rows=group_rows(dropped, D),
+                            keep_q_rows=keep.repeat_interleave(G * D, dim=1),
+                            keep_kv_rows=keep.repeat_interleave(D, dim=1))
+                        for row, i in enumerate(layer_ids):
+                            entry = derived.setdefault(i, {})
+                            entry.update(groups=kept[row], dropped_groups=dropped[row])
+                            entry.update({name: t[row] for name, t in rows.items()})
         layers = {}
         for i, om in self._layers.items():
-            c, g = kept_channels.get(i), kept_groups.get(i)
-            if c is None and g is None:
+            entry = derived.get(i)
+            if entry is None:
                 continue
-            layers[i] = LayerPlan(
-                channels=None if c is None else c[0], dropped_channels=None if c is None else c[1],
-                groups=None if g is None else g[0], dropped_groups=None if g is None else g[1],
-                heads_per_group=om.heads_per_group, head_dim=om.head_dim,
-            )
+            units = {name: entry.pop(name, None) for name in ("channels", "dropped_channels", "groups",
+                                                              "dropped_groups")}
+            layers[i] = LayerPlan(**units, heads_per_group=om.heads_per_group, head_dim=om.head_dim).prefill(**entry)
         plan = OmissionPlan(rate=rate, layers=layers, step=step, dense_layers=tuple(sorted(waiting)))
         self.set_plan(plan)
         return plan
@@ -215,7 +240,10 @@ class Omitter:
         return gen
 
     def _choose(self, step: int, unit: int, k: int, n: int, score_attr: str):
-        """Kept / dropped ids [k] / [n − k] per layer, batched over the layers of each device."""
+        """Kept / dropped ids of the layers whose metric is ready, batched per device.
+
+        Returns ([(layer ids, kept [L, k], dropped [L, n − k]) per device], layers still waiting for
+        statistics)."""
         cfg = self.config
         uniform = cfg.metric == "uniform"
         ready = [(i, om) for i, om in self._layers.items() if uniform or getattr(om, score_attr) is not None]
@@ -223,7 +251,7 @@ class Omitter:
         by_device: dict[torch.device, list[tuple[int, LayerOmission]]] = {}
         for i, om in ready:
             by_device.setdefault(self._device(i), []).append((i, om))
-        chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        batches = []
         for device, members in by_device.items():
             scores = None if uniform else torch.stack([getattr(om, score_attr) for _, om in members])
             kept, dropped = importance.select(
@@ -233,9 +261,8 @@ class Omitter:
                 # statistics differ between data-parallel ranks: every rank uses rank 0's choice
                 dist.broadcast(kept, src=0)
                 dist.broadcast(dropped, src=0)
-            for row, (i, _) in enumerate(members):
-                chosen[i] = (kept[row], dropped[row])
-        return chosen, waiting
+            batches.append(([i for i, _ in members], kept, dropped))
+        return batches, waiting
 
     def _device(self, layer_idx: int) -> torch.device:
         return self.model.model.layers[layer_idx].mlp.gate_proj.weight.device
@@ -272,6 +299,12 @@ class Omitter:
 
         When one plan was used (the usual case), no host synchronisation happens; with several plans per
         step (e.g. one per micro-batch) the omitted set is their intersection."""
+        return [(param, dim, ids) for param, dim, ids, _ in self.omitted_units()]
+
+    def omitted_units(self) -> list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor | None]]:
+        """``omitted_slices`` with a fourth entry: the keep vector (bool [param.shape[dim]], False at ``ids``)
+        when the plan has it ready (one plan in the step: precomputed by ``plan``), else None. Parameters of
+        one layer that share ids (gate / up / down, q / o, k / v) share the very same tensors."""
         plans = self._since_step or [self.current]
         layers = self.model.model.layers
         out = []
@@ -282,23 +315,28 @@ class Omitter:
             channels = _intersect([lp.dropped_channels for lp in per_layer], om.num_channels)
             groups = _intersect([lp.dropped_groups for lp in per_layer], om.num_groups)
             mlp, attn = layers[i].mlp, layers[i].self_attn
+            lp = per_layer[0]
             if channels is not None and channels.numel():
+                keep = lp.keep_channels(om.num_channels) if channels is lp.dropped_channels else None
                 for lin in (mlp.gate_proj, mlp.up_proj):
-                    out.append((lin.weight, 0, channels))
+                    out.append((lin.weight, 0, channels, keep))
                     if lin.bias is not None:
-                        out.append((lin.bias, 0, channels))
-                out.append((mlp.down_proj.weight, 1, channels))
+                        out.append((lin.bias, 0, channels, keep))
+                out.append((mlp.down_proj.weight, 1, channels, keep))
             if groups is not None and groups.numel():
-                if groups is per_layer[0].dropped_groups:
-                    q_rows, kv_rows = per_layer[0].dropped_q_rows, per_layer[0].dropped_kv_rows  # cached
+                if groups is lp.dropped_groups:  # cached on the plan
+                    q_rows, kv_rows = lp.dropped_q_rows, lp.dropped_kv_rows
+                    keep_q, keep_kv = lp.keep_q_rows(om.num_groups), lp.keep_kv_rows(om.num_groups)
                 else:
                     probe = LayerPlan(groups=groups, heads_per_group=om.heads_per_group, head_dim=om.head_dim)
                     q_rows, kv_rows = probe.q_rows, probe.kv_rows
-                for lin, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)):
-                    out.append((lin.weight, 0, rows))
+                    keep_q = keep_kv = None
+                for lin, rows, keep in ((attn.q_proj, q_rows, keep_q), (attn.k_proj, kv_rows, keep_kv),
+                                        (attn.v_proj, kv_rows, keep_kv)):
+                    out.append((lin.weight, 0, rows, keep))
                     if lin.bias is not None:
-                        out.append((lin.bias, 0, rows))
-                out.append((attn.o_proj.weight, 1, q_rows))
+                        out.append((lin.bias, 0, rows, keep))
+                out.append((attn.o_proj.weight, 1, q_rows, keep_q))
         return out
 
     def _optimizer_stepped(self) -> None:

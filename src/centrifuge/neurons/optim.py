@@ -137,10 +137,10 @@ class OptimizerMask:
     @torch.no_grad()
     def _before(self, optimizer, args, kwargs) -> None:
         self._saved, self._held = [], []
-        slices = [s for s in self.omitter.omitted_slices() if id(s[0]) in self._params]
+        slices = [s for s in self.omitter.omitted_units() if id(s[0]) in self._params]
         if slices and self.fast is not False:
             slices = self._hold_back(optimizer, kwargs, slices)
-        for param, dim, ids in slices:
+        for param, dim, ids, _ in slices:
             state = optimizer.state.get(param, {})
             had_state = bool(state)
             saved_state = {key: t.index_select(dim, ids) for key, t in state.items() if _same_shape(t, param)}
@@ -173,11 +173,14 @@ class OptimizerMask:
                     raise RuntimeError(f"OptimizerMask(fast=True): {why}")
                 rest.extend(entries)
                 continue
-            held.append((param, [ids for _, dim, ids in entries if dim == 0],
-                         [ids for _, dim, ids in entries if dim == 1]))
-        requests = [(ids, param.shape[dim] if ids else 0) for param, rows, cols in held
-                    for dim, ids in ((0, rows), (1, cols))]
-        keeps = iter(_keep_vectors(requests))
+            held.append((param, [e for e in entries if e[1] == 0], [e for e in entries if e[1] == 1]))
+        # keep vectors: the plan's own (precomputed for all layers at once) where one (param, dim) has one
+        # entry that carries it, else built here (intersections of several plans)
+        requests = [([ids for _, _, ids, _ in es], param.shape[dim] if es else 0) for param, rows, cols in held
+                    for dim, es in ((0, rows), (1, cols))]
+        ready = [es[0][3] if len(es) == 1 else None for _, rows, cols in held for es in (rows, cols)]
+        built = _keep_vectors([r if k is None else ([], 0) for r, k in zip(requests, ready, strict=True)])
+        keeps = iter(k if k is not None else b for k, b in zip(ready, built, strict=True))
         for param, _, _ in held:
             keep_rows, keep_cols = next(keeps), next(keeps)
             self._held.append((param, group_of[id(param)], keep_rows, keep_cols, param.grad))

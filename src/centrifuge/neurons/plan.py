@@ -66,10 +66,21 @@ def _complement(kept: torch.Tensor, total: int) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
-def _group_rows(groups: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows of the units ``groups`` [g] when unit j owns rows j·width … (j+1)·width − 1 → [g·width]."""
+def group_rows(groups: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of the units ``groups`` [..., g] when unit j owns rows j·width … (j+1)·width − 1 → [..., g·width]
+    (batched over leading dimensions: the ``Omitter`` does every layer in one kernel)."""
     offsets = torch.arange(width, device=groups.device)
-    return (groups[:, None] * width + offsets).flatten()
+    return (groups[..., None] * width + offsets).flatten(-2)
+
+
+def keep_vector(dropped: torch.Tensor, total: int) -> torch.Tensor:
+    """dropped [..., n − k] ids → bool [..., total], False at the dropped ids (batched over leading dims)."""
+    keep = torch.ones(*dropped.shape[:-1], total, dtype=torch.bool, device=dropped.device)
+    return keep.scatter_(-1, dropped, False)
+
+
+_ROWS = frozenset({"q_rows", "kv_rows", "dropped_q_rows", "dropped_kv_rows"})  # cached properties
+_DERIVED = _ROWS | {"keep_channels", "keep_q_rows", "keep_kv_rows"}  # the keep vectors' cache: "_" + name
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,22 +128,57 @@ class LayerPlan:
     @functools.cached_property
     def q_rows(self) -> torch.Tensor | None:
         """[g·G·D] kept rows of ``q_proj`` (= kept columns of ``o_proj``), or None."""
-        return None if self.groups is None else _group_rows(self.groups, self.heads_per_group * self.head_dim)
+        return None if self.groups is None else group_rows(self.groups, self.heads_per_group * self.head_dim)
 
     @functools.cached_property
     def kv_rows(self) -> torch.Tensor | None:
         """[g·D] kept rows of ``k_proj`` and ``v_proj``, or None."""
-        return None if self.groups is None else _group_rows(self.groups, self.head_dim)
+        return None if self.groups is None else group_rows(self.groups, self.head_dim)
 
     @functools.cached_property
     def dropped_q_rows(self) -> torch.Tensor | None:
         if self.dropped_groups is None:
             return None
-        return _group_rows(self.dropped_groups, self.heads_per_group * self.head_dim)
+        return group_rows(self.dropped_groups, self.heads_per_group * self.head_dim)
 
     @functools.cached_property
     def dropped_kv_rows(self) -> torch.Tensor | None:
-        return None if self.dropped_groups is None else _group_rows(self.dropped_groups, self.head_dim)
+        return None if self.dropped_groups is None else group_rows(self.dropped_groups, self.head_dim)
+
+    # Keep vectors (bool, False at omitted units), for the optimizer mask. The lengths are not stored in the
+    # plan, so these need ``num_channels`` / ``num_groups``; the ``Omitter`` precomputes them for every layer
+    # at once (``prefill``), so a training step builds none itself.
+
+    def keep_channels(self, num_channels: int) -> torch.Tensor | None:
+        """[m] bool: True at kept MLP channels, or None when the plan keeps every channel."""
+        return self._keep("keep_channels", self.dropped_channels, num_channels)
+
+    def keep_q_rows(self, num_groups: int) -> torch.Tensor | None:
+        """[Hkv·G·D] bool: True at the kept rows of ``q_proj`` (= columns of ``o_proj``), or None."""
+        return self._keep("keep_q_rows", self.dropped_q_rows, num_groups * self.heads_per_group * self.head_dim)
+
+    def keep_kv_rows(self, num_groups: int) -> torch.Tensor | None:
+        """[Hkv·D] bool: True at the kept rows of ``k_proj`` / ``v_proj``, or None."""
+        return self._keep("keep_kv_rows", self.dropped_kv_rows, num_groups * self.head_dim)
+
+    def _keep(self, name: str, dropped: torch.Tensor | None, total: int) -> torch.Tensor | None:
+        if dropped is None:
+            return None
+        keep = self.__dict__.get("_" + name)
+        if keep is None or keep.numel() != total:
+            keep = self.__dict__["_" + name] = keep_vector(dropped, total)
+        return keep
+
+    def prefill(self, **derived: torch.Tensor) -> LayerPlan:
+        """Set derived tensors computed elsewhere (batched over layers): ``q_rows``, ``kv_rows``,
+        ``dropped_q_rows``, ``dropped_kv_rows``, ``keep_channels``, ``keep_q_rows``, ``keep_kv_rows``. They
+        must equal what the plan would compute itself (the ``Omitter``'s tests compare). Returns the plan."""
+        unknown = set(derived) - _DERIVED
+        if unknown:
+            raise KeyError(f"LayerPlan.prefill: unknown {sorted(unknown)}")
+        for name, value in derived.items():  # cached_property keeps its values in __dict__ (frozen is no obstacle)
+            self.__dict__[name if name in _ROWS else "_" + name] = value
+        return self
 
     def slices(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(kept output rows, kept input columns) of the projection ``name`` (e.g. "gate_proj", "o_proj")."""
@@ -146,6 +192,21 @@ class LayerPlan:
             return self.kv_rows, None
         if name == "o_proj":
             return None, self.q_rows
+        raise KeyError(f"no omission slice for projection {name!r}")
+
+    def dropped_slices(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(omitted output rows, omitted input columns) of the projection ``name``: the complements of
+        ``slices(name)``."""
+        if name in ("gate_proj", "up_proj"):
+            return self.dropped_channels, None
+        if name == "down_proj":
+            return None, self.dropped_channels
+        if name == "q_proj":
+            return self.dropped_q_rows, None
+        if name in ("k_proj", "v_proj"):
+            return self.dropped_kv_rows, None
+        if name == "o_proj":
+            return None, self.dropped_q_rows
         raise KeyError(f"no omission slice for projection {name!r}")
 
 

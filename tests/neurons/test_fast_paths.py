@@ -7,8 +7,7 @@ import torch
 from omission_helpers import batch, step_grads, tiny_model
 
 from centrifuge import neurons
-from centrifuge.neurons import LayerPlan, sliced_linear
-from centrifuge.neurons.layers import _SlicedWeight
+from centrifuge.neurons import LayerPlan
 from centrifuge.neurons.plan import group_rows, keep_vector
 
 
@@ -50,10 +49,6 @@ def test_plans_prefilled_by_the_omitter_equal_what_a_plan_computes_itself(metric
             assert torch.equal(getattr(lp, name), getattr(fresh, name)), (i, name)
         for name, n in (("keep_channels", 200), ("keep_q_rows", 3), ("keep_kv_rows", 3)):
             assert torch.equal(getattr(lp, name)(n), getattr(fresh, name)(n)), (i, name)
-        for name in ("gate_proj", "down_proj", "q_proj", "k_proj", "o_proj"):
-            kept = [t for t in lp.slices(name) if t is not None][0]
-            dropped = [t for t in lp.dropped_slices(name) if t is not None][0]
-            assert sorted(kept.tolist() + dropped.tolist()) == list(range(kept.numel() + dropped.numel()))
 
 
 def test_omitted_units_carry_keep_vectors_for_one_plan_and_none_for_an_intersection():
@@ -70,43 +65,3 @@ def test_omitted_units_carry_keep_vectors_for_one_plan_and_none_for_an_intersect
     assert [(p, d, i) for p, d, i, _ in units] == omitter.omitted_slices()
     omitter.plan(1)  # a second plan in the same step: the omitted set is the intersection
     assert all(keep is None for *_, keep in omitter.omitted_units())
-
-
-@pytest.mark.parametrize("dim", [0, 1])
-def test_sliced_weight_gradient_is_autograds_in_one_pass(dim):
-    gen = torch.Generator().manual_seed(dim)
-    weight = torch.randn(37, 53, dtype=torch.float64, generator=gen, requires_grad=True)
-    n = weight.shape[dim]
-    kept, dropped = (t[0] for t in _random_ids(gen, 1, n, 19))
-    upstream = torch.randn([19 if d == dim else s for d, s in enumerate(weight.shape)], dtype=torch.float64,
-                           generator=gen)
-    (expected,) = torch.autograd.grad(weight.index_select(dim, kept), weight, upstream)
-    out = _SlicedWeight.apply(weight, dim, kept, dropped)
-    assert torch.equal(out, weight.index_select(dim, kept))
-    (grad,) = torch.autograd.grad(out, weight, upstream)
-    assert torch.equal(grad, expected)
-    assert torch.all(grad.index_select(dim, dropped) == 0)
-
-
-def test_sliced_linear_with_complements_equals_plain_autograd():
-    gen = torch.Generator().manual_seed(11)
-    lin = torch.nn.Linear(29, 41, dtype=torch.float64)
-    x = torch.randn(3, 5, 29, dtype=torch.float64, generator=gen)
-    rows, dropped_rows = (t[0] for t in _random_ids(gen, 1, 41, 17))
-    cols, dropped_cols = (t[0] for t in _random_ids(gen, 1, 29, 13))
-    for kw, x_in in ((dict(rows=rows), x), (dict(rows=rows, dropped_rows=dropped_rows), x),
-                     (dict(cols=cols), x[..., cols]), (dict(cols=cols, dropped_cols=dropped_cols), x[..., cols]),
-                     (dict(rows=rows, cols=cols, dropped_rows=dropped_rows, dropped_cols=dropped_cols), x[..., cols])):
-        lin.zero_grad(set_to_none=True)
-        y = sliced_linear(lin, x_in, **kw)
-        y.square().sum().backward()
-        weight = lin.weight
-        if "rows" in kw:
-            weight = weight.index_select(0, rows)
-        if "cols" in kw:
-            weight = weight.index_select(1, cols)
-        bias = lin.bias.index_select(0, rows) if "rows" in kw else lin.bias
-        ref = torch.nn.functional.linear(x_in, weight, bias)
-        grads = torch.autograd.grad(ref.square().sum(), (lin.weight, lin.bias))
-        assert torch.equal(y, ref), kw
-        assert torch.equal(lin.weight.grad, grads[0]) and torch.equal(lin.bias.grad, grads[1]), kw

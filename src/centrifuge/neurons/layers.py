@@ -33,38 +33,8 @@ Linear = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
 STATE_ATTR = "_centrifuge_omission"
 
 
-class _SlicedWeight(torch.autograd.Function):
-    """``weight.index_select(dim, kept)`` whose backward writes the full-size gradient in one pass.
-
-    Autograd's own backward of ``index_select`` zero-fills the full [out, in] gradient and then ``index_add_``s
-    the kept slice into it (atomics; every kept element written twice). Knowing the omitted ids as well, this
-    one copies the kept slice (``index_copy_``) and zero-fills only the omitted rows / columns
-    (``index_fill_``): the same gradient (exactly: 0 + g = g), each element written once."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, dim: int, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-        ctx.dim, ctx.shape = dim, weight.shape
-        ctx.save_for_backward(kept, dropped)
-        return weight.index_select(dim, kept)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        kept, dropped = ctx.saved_tensors
-        full = grad.new_empty(ctx.shape)
-        full.index_copy_(ctx.dim, kept, grad)
-        full.index_fill_(ctx.dim, dropped, 0)
-        return full, None, None, None
-
-
-def _select(weight: torch.Tensor, dim: int, kept: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
-    if dropped is not None and weight.requires_grad and torch.is_grad_enabled():
-        return _SlicedWeight.apply(weight, dim, kept, dropped)
-    return weight.index_select(dim, kept)
-
-
 def sliced_linear(module: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None,
-                  cols: torch.Tensor | None = None, *, dropped_rows: torch.Tensor | None = None,
-                  dropped_cols: torch.Tensor | None = None) -> torch.Tensor:
+                  cols: torch.Tensor | None = None) -> torch.Tensor:
     """``module``'s linear map restricted to output ``rows`` and input ``cols``.
 
     Args:
@@ -72,8 +42,6 @@ def sliced_linear(module: nn.Module, x: torch.Tensor, rows: torch.Tensor | None 
         x: [..., in] when ``cols`` is None, else [..., len(cols)].
         rows: [r] int64 kept output features, or None for all.
         cols: [c] int64 kept input features, or None for all.
-        dropped_rows, dropped_cols: the complements of ``rows`` / ``cols`` ([out − r] / [in − c] int64),
-            optional: with them the weight's full-size gradient is written in one pass (``_SlicedWeight``).
 
     Returns:
         [..., r] (or [..., out]). With neither, exactly ``module(x)``.
@@ -81,13 +49,11 @@ def sliced_linear(module: nn.Module, x: torch.Tensor, rows: torch.Tensor | None 
     if rows is None and cols is None:
         return module(x)
     weight, bias = module.weight, module.bias
-    if rows is not None and cols is not None:  # both: plain autograd (no omission plan slices both ways)
-        dropped_rows = dropped_cols = None
     if rows is not None:
-        weight = _select(weight, 0, rows, dropped_rows)
+        weight = weight.index_select(0, rows)
         bias = None if bias is None else bias.index_select(0, rows)
     if cols is not None:
-        weight = _select(weight, 1, cols, dropped_cols)
+        weight = weight.index_select(1, cols)
     return F.linear(x, weight, bias)
 
 
@@ -100,15 +66,9 @@ def omission_linear(plan: LayerPlan | None) -> Linear:
     def linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
         if plan is None:
             return module(x)
-        return _plan_linear(module, x, plan, name)
+        rows, cols = plan.slices(name)
+        return sliced_linear(module, x, rows=rows, cols=cols)
     return linear
-
-
-def _plan_linear(module: nn.Module, x: torch.Tensor, plan: LayerPlan, name: str) -> torch.Tensor:
-    """The projection ``name`` (e.g. "gate_proj") of the layer under ``plan``."""
-    rows, cols = plan.slices(name)
-    dropped_rows, dropped_cols = plan.dropped_slices(name)
-    return sliced_linear(module, x, rows=rows, cols=cols, dropped_rows=dropped_rows, dropped_cols=dropped_cols)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,14 +175,8 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if training and om.gathers:
             om.observe_mlp(self, x, None, None)
         return y
-    if kept is None:  # dense, but the activation statistic needs the gated activation
-        a = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
-        y = self.down_proj(a)
-    else:
-        plan = om.plan
-        a = self.act_fn(_plan_linear(self.gate_proj, x, plan, "gate_proj")) * _plan_linear(self.up_proj, x, plan,
-                                                                                           "up_proj")
-        y = _plan_linear(self.down_proj, a, plan, "down_proj")
+    a = self.act_fn(sliced_linear(self.gate_proj, x, rows=kept)) * sliced_linear(self.up_proj, x, rows=kept)
+    y = sliced_linear(self.down_proj, a, cols=kept)
     if training and om.gathers:
         om.observe_mlp(self, x, a, kept)
     return y
@@ -260,18 +214,16 @@ def _attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddi
         if training and om.gathers:
             om.observe_attn(self, hidden_states, None, None)
         return out
-    plan, spec = (om.plan if groups is not None else None), om.spec
-
-    def linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-        return module(x) if plan is None else _plan_linear(module, x, plan, name)
-
+    plan, spec = om.plan, om.spec
+    q_rows = plan.q_rows if groups is not None else None
+    kv_rows = plan.kv_rows if groups is not None else None
     if past_key_values is None:
         past_key_values = kwargs.pop("past_key_value", None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q = linear(self.q_proj, hidden_states, "q_proj").view(hidden_shape)
-    k = linear(self.k_proj, hidden_states, "k_proj").view(hidden_shape)
-    v = linear(self.v_proj, hidden_states, "v_proj").view(hidden_shape).transpose(1, 2)
+    q = sliced_linear(self.q_proj, hidden_states, rows=q_rows).view(hidden_shape)
+    k = sliced_linear(self.k_proj, hidden_states, rows=kv_rows).view(hidden_shape)
+    v = sliced_linear(self.v_proj, hidden_states, rows=kv_rows).view(hidden_shape).transpose(1, 2)
     if spec.qk_norm:
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -289,7 +241,7 @@ def _attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddi
     if training and om.gathers:
         om.observe_attn(self, hidden_states, o, groups)
     o = o.reshape(*input_shape, -1).contiguous()
-    return linear(self.o_proj, o, "o_proj"), weights
+    return sliced_linear(self.o_proj, o, cols=q_rows), weights
 
 
 # --------------------------------------------------------------------------------------------------------

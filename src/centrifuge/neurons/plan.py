@@ -194,21 +194,6 @@ class LayerPlan:
             return None, self.q_rows
         raise KeyError(f"no omission slice for projection {name!r}")
 
-    def dropped_slices(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(omitted output rows, omitted input columns) of the projection ``name``: the complements of
-        ``slices(name)``."""
-        if name in ("gate_proj", "up_proj"):
-            return self.dropped_channels, None
-        if name == "down_proj":
-            return None, self.dropped_channels
-        if name == "q_proj":
-            return self.dropped_q_rows, None
-        if name in ("k_proj", "v_proj"):
-            return self.dropped_kv_rows, None
-        if name == "o_proj":
-            return None, self.dropped_q_rows
-        raise KeyError(f"no omission slice for projection {name!r}")
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class OmissionPlan:

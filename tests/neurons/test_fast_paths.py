@@ -7,7 +7,7 @@ import torch
 from omission_helpers import batch, step_grads, tiny_model
 
 from centrifuge import neurons
-from centrifuge.neurons import LayerPlan
+from centrifuge.neurons import LayerPlan, importance
 from centrifuge.neurons.plan import group_rows, keep_vector
 
 
@@ -33,7 +33,7 @@ def test_batched_group_rows_and_keep_vectors_equal_the_per_layer_ones():
 
 
 @pytest.mark.parametrize("metric", ["uniform", "activation"])
-def test_plans_prefilled_by_the_omitter_equal_what_a_plan_computes_itself(metric):
+def test_plans_batched_by_the_omitter_equal_what_a_plan_computes_itself(metric):
     # odd sizes: 3 KV groups of 2 heads, head_dim 8, 200 channels kept in multiples of 8
     model = tiny_model("qwen2", heads=6, kv_heads=3, intermediate=200, layers=3)
     omitter = neurons.attach(model, rate=0.4, metric=metric, multiple=8)
@@ -42,6 +42,7 @@ def test_plans_prefilled_by_the_omitter_equal_what_a_plan_computes_itself(metric
         step_grads(model, batch(0))
     plan = omitter.plan(1)
     assert sorted(plan.layers) == [0, 1, 2]
+    assert plan.layers[0].__dict__["_groups_batch"][0]._done == {}  # nothing derived before first use
     for i, lp in plan.layers.items():
         fresh = LayerPlan(channels=lp.channels, dropped_channels=lp.dropped_channels, groups=lp.groups,
                           dropped_groups=lp.dropped_groups, heads_per_group=2, head_dim=8)
@@ -65,3 +66,12 @@ def test_omitted_units_carry_keep_vectors_for_one_plan_and_none_for_an_intersect
     assert [(p, d, i) for p, d, i, _ in units] == omitter.omitted_slices()
     omitter.plan(1)  # a second plan in the same step: the omitted set is the intersection
     assert all(keep is None for *_, keep in omitter.omitted_units())
+
+
+def test_group_activation_by_feature_norms_equals_the_direct_reduction():
+    gen = torch.Generator().manual_seed(5)
+    o = torch.randn(3, 7, 6, 5, dtype=torch.float64, generator=gen)  # B, S, h = 3 groups × G = 2, D
+    expected = (o.square().sum((0, 1, 3)) / (3 * 7 * 5)).sqrt().view(3, 2).sum(1)
+    assert torch.allclose(importance.group_activation(o, 2).double(), expected, rtol=1e-6, atol=0)  # float32 out
+    strided = o.transpose(0, 1)  # not contiguous: the direct reduction
+    assert torch.allclose(importance.group_activation(strided, 2).double(), expected, rtol=1e-6, atol=0)

@@ -89,7 +89,15 @@ def feature_rms(x: torch.Tensor) -> torch.Tensor:
 def group_activation(o: torch.Tensor, heads_per_group: int) -> torch.Tensor:
     """Attention output o [B, S, h, D] (h = g·G kept query heads) → [g] float32: per group, the sum over its
     heads of the head output's root-mean-square over tokens and D."""
-    heads = _norm(o, (0, 1, 3)) / max(o.numel() // o.shape[2], 1) ** 0.5
+    h, D = o.shape[2], o.shape[3]
+    if o.is_contiguous():
+        # per-feature norms over the tokens first (a column reduction of [B·S, h·D], ~3× faster on an H100
+        # than reducing dims (0, 1, 3) at once), then over each head's D
+        sq = _norm(o.view(-1, h * D), 0).square().view(h, D).sum(1)
+        heads = sq.sqrt()
+    else:
+        heads = _norm(o, (0, 1, 3))
+    heads = heads / max(o.numel() // h, 1) ** 0.5
     return heads.view(-1, heads_per_group).sum(1)
 
 

@@ -102,6 +102,7 @@ class LayerOmission:
         self.spec = spec
         self.metric = metric
         self.ema = ema
+        self.probe = layer.mlp.gate_proj.weight  # where the layer lives (Omitter._device)
         self.num_channels = layer.mlp.gate_proj.out_features
         self.head_dim = attn.head_dim
         self.heads_per_group = attn.num_key_value_groups

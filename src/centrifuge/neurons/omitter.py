@@ -34,9 +34,8 @@ from centrifuge.neurons.plan import (
     LayerPlan,
     OmissionPlan,
     OmissionRateError,
+    PlanBatch,
     check_rate,
-    group_rows,
-    keep_vector,
     kept_count,
 )
 
@@ -185,49 +184,36 @@ class Omitter:
     def plan(self, step: int, total_steps: int | None = None) -> OmissionPlan:
         """Choose the kept units of every omitting layer for ``step``, set them on the layers, return them.
 
-        Everything is batched over the layers of a device (one selection per unit kind, and the plans' row
-        ids and keep vectors in a few kernels), so the host cost hardly grows with depth; no synchronisation."""
+        One selection per unit kind for all the layers of a device; the plans' row ids and keep vectors come
+        later, batched too, on first use (``PlanBatch``): this runs before the first forward kernel, so its
+        host time is time the GPU waits. No synchronisation."""
         rate = self.rate_at(step, total_steps)
         cfg = self.config
-        derived: dict[int, dict[str, torch.Tensor]] = {}  # layer → ids and keep vectors (LayerPlan.prefill)
+        units: dict[int, dict] = {}  # layer → LayerPlan fields
+        batches: dict[int, list[tuple[PlanBatch, int]]] = {}  # layer → (batch, row) of its derived tensors
         waiting: set[int] = set()
         if rate > 0.0 and self._layers:
             first = next(iter(self._layers.values()))
-            G, D = first.heads_per_group, first.head_dim
-            if cfg.mlp:
-                k = kept_count(first.num_channels, rate, cfg.multiple)
-                if k < first.num_channels:
-                    batches, w = self._choose(step, 0, k, first.num_channels, "mlp_score")
-                    waiting |= w
-                    for layer_ids, kept, dropped in batches:
-                        keep = keep_vector(dropped, first.num_channels)
-                        for row, i in enumerate(layer_ids):
-                            derived.setdefault(i, {}).update(
-                                channels=kept[row], dropped_channels=dropped[row], keep_channels=keep[row])
-            if cfg.heads:
-                k = kept_count(first.num_groups, rate, 1)
-                if k < first.num_groups:
-                    batches, w = self._choose(step, 1, k, first.num_groups, "group_score")
-                    waiting |= w
-                    for layer_ids, kept, dropped in batches:
-                        keep = keep_vector(dropped, first.num_groups)  # [L, Hkv]
-                        rows = dict(
-                            q_rows=group_rows(kept, G * D), kv_rows=group_rows(kept, D),
-                            dropped_q_rows=group_rows(dropped, G * D), dropped_kv_rows=group_rows(dropped, D),
-                            keep_q_rows=keep.repeat_interleave(G * D, dim=1),
-                            keep_kv_rows=keep.repeat_interleave(D, dim=1))
-                        for row, i in enumerate(layer_ids):
-                            entry = derived.setdefault(i, {})
-                            entry.update(groups=kept[row], dropped_groups=dropped[row])
-                            entry.update({name: t[row] for name, t in rows.items()})
+            for kind, on, n, multiple, score in (("channels", cfg.mlp, first.num_channels, cfg.multiple, "mlp_score"),
+                                                 ("groups", cfg.heads, first.num_groups, 1, "group_score")):
+                k = kept_count(n, rate, multiple)
+                if not on or k == n:
+                    continue
+                chosen, w = self._choose(step, 0 if kind == "channels" else 1, k, n, score)
+                waiting |= w
+                for layer_ids, kept, dropped in chosen:
+                    batch = PlanBatch(kind, kept, dropped, n, heads_per_group=first.heads_per_group,
+                                      head_dim=first.head_dim)
+                    for row, i in enumerate(layer_ids):
+                        units.setdefault(i, {}).update({kind: kept[row], f"dropped_{kind}": dropped[row]})
+                        batches.setdefault(i, []).append((batch, row))
         layers = {}
-        for i, om in self._layers.items():
-            entry = derived.get(i)
-            if entry is None:
-                continue
-            units = {name: entry.pop(name, None) for name in ("channels", "dropped_channels", "groups",
-                                                              "dropped_groups")}
-            layers[i] = LayerPlan(**units, heads_per_group=om.heads_per_group, head_dim=om.head_dim).prefill(**entry)
+        for i, fields in units.items():
+            om = self._layers[i]
+            lp = layers[i] = LayerPlan(**fields, heads_per_group=om.heads_per_group, head_dim=om.head_dim)
+            for batch, row in batches[i]:
+                lp.use_batch(batch, row)
+        layers = dict(sorted(layers.items()))
         plan = OmissionPlan(rate=rate, layers=layers, step=step, dense_layers=tuple(sorted(waiting)))
         self.set_plan(plan)
         return plan
@@ -247,7 +233,7 @@ class Omitter:
         cfg = self.config
         uniform = cfg.metric == "uniform"
         ready = [(i, om) for i, om in self._layers.items() if uniform or getattr(om, score_attr) is not None]
-        waiting = {i for i in self._layers if i not in dict(ready)}
+        waiting = set(self._layers).difference(i for i, _ in ready)
         by_device: dict[torch.device, list[tuple[int, LayerOmission]]] = {}
         for i, om in ready:
             by_device.setdefault(self._device(i), []).append((i, om))
@@ -265,7 +251,8 @@ class Omitter:
         return batches, waiting
 
     def _device(self, layer_idx: int) -> torch.device:
-        return self.model.model.layers[layer_idx].mlp.gate_proj.weight.device
+        # the Parameter object outlives model.to() (which swaps its data): no module lookups per step
+        return self._layers[layer_idx].probe.device
 
     def set_plan(self, plan: OmissionPlan | None) -> None:
         """Run the next training forwards with ``plan`` (None = dense)."""

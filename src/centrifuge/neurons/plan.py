@@ -79,8 +79,51 @@ def keep_vector(dropped: torch.Tensor, total: int) -> torch.Tensor:
     return keep.scatter_(-1, dropped, False)
 
 
-_ROWS = frozenset({"q_rows", "kv_rows", "dropped_q_rows", "dropped_kv_rows"})  # cached properties
-_DERIVED = _ROWS | {"keep_channels", "keep_q_rows", "keep_kv_rows"}  # the keep vectors' cache: "_" + name
+class PlanBatch:
+    """Kept / dropped ids of one unit kind in the plans of many layers, and what the plans derive from them,
+    computed for all the layers at once (one kernel or two per tensor kind instead of one per layer) and only on
+    first use: ``Omitter.plan`` sits on the critical path before the first forward kernel, so it stays cheap.
+
+    Args:
+        kind: "channels" (MLP channels) or "groups" (KV groups).
+        kept: [L, k] int64, each row sorted; dropped: [L, n − k], the complements.
+        num_units: n; heads_per_group, head_dim: G and D of the layers (for "groups").
+    """
+
+    def __init__(self, kind: str, kept: torch.Tensor, dropped: torch.Tensor, num_units: int, *,
+                 heads_per_group: int = 1, head_dim: int = 1):
+        if kind not in ("channels", "groups"):
+            raise ValueError(f"PlanBatch kind must be 'channels' or 'groups', got {kind!r}")
+        self.kind, self.kept, self.dropped, self.num_units = kind, kept, dropped, num_units
+        self.widths = {"q": heads_per_group * head_dim, "kv": head_dim}
+        self._done: dict[str, torch.Tensor] = {}
+
+    def total(self, name: str) -> int:
+        """Length of keep vector ``name`` ("keep_channels", "keep_q_rows", "keep_kv_rows")."""
+        if name == "keep_channels":
+            return self.num_units
+        return self.num_units * self.widths[name.removeprefix("keep_").removesuffix("_rows")]
+
+    def get(self, name: str, row: int) -> torch.Tensor:
+        """Row ``row`` of ``name``: "q_rows", "kv_rows", "dropped_q_rows", "dropped_kv_rows" ([L, ·] ids) or a
+        keep vector "keep_channels", "keep_q_rows", "keep_kv_rows" ([L, ·] bool)."""
+        done = self._done.get(name)
+        if done is None:
+            done = self._done[name] = self._compute(name)
+        return done[row]
+
+    def _compute(self, name: str) -> torch.Tensor:
+        if name == "keep_channels" and self.kind == "channels":
+            return keep_vector(self.dropped, self.num_units)
+        if self.kind != "groups":
+            raise KeyError(f"PlanBatch({self.kind!r}) has no {name!r}")
+        if name.startswith("keep_"):  # keep_q_rows / keep_kv_rows: the groups' keep vector, widened
+            groups = self._done.get("keep_groups")
+            if groups is None:
+                groups = self._done["keep_groups"] = keep_vector(self.dropped, self.num_units)
+            return groups.repeat_interleave(self.widths[name[5:-5]], dim=1)
+        ids, rest = (self.dropped, name[8:]) if name.startswith("dropped_") else (self.kept, name)
+        return group_rows(ids, self.widths[rest.removesuffix("_rows")])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -128,26 +171,29 @@ class LayerPlan:
     @functools.cached_property
     def q_rows(self) -> torch.Tensor | None:
         """[g·G·D] kept rows of ``q_proj`` (= kept columns of ``o_proj``), or None."""
-        return None if self.groups is None else group_rows(self.groups, self.heads_per_group * self.head_dim)
+        return self._rows("q_rows", self.groups, self.heads_per_group * self.head_dim)
 
     @functools.cached_property
     def kv_rows(self) -> torch.Tensor | None:
         """[g·D] kept rows of ``k_proj`` and ``v_proj``, or None."""
-        return None if self.groups is None else group_rows(self.groups, self.head_dim)
+        return self._rows("kv_rows", self.groups, self.head_dim)
 
     @functools.cached_property
     def dropped_q_rows(self) -> torch.Tensor | None:
-        if self.dropped_groups is None:
-            return None
-        return group_rows(self.dropped_groups, self.heads_per_group * self.head_dim)
+        return self._rows("dropped_q_rows", self.dropped_groups, self.heads_per_group * self.head_dim)
 
     @functools.cached_property
     def dropped_kv_rows(self) -> torch.Tensor | None:
-        return None if self.dropped_groups is None else group_rows(self.dropped_groups, self.head_dim)
+        return self._rows("dropped_kv_rows", self.dropped_groups, self.head_dim)
+
+    def _rows(self, name: str, groups: torch.Tensor | None, width: int) -> torch.Tensor | None:
+        if groups is None:
+            return None
+        batch = self.__dict__.get("_groups_batch")
+        return group_rows(groups, width) if batch is None else batch[0].get(name, batch[1])
 
     # Keep vectors (bool, False at omitted units), for the optimizer mask. The lengths are not stored in the
-    # plan, so these need ``num_channels`` / ``num_groups``; the ``Omitter`` precomputes them for every layer
-    # at once (``prefill``), so a training step builds none itself.
+    # plan, so these need ``num_channels`` / ``num_groups``.
 
     def keep_channels(self, num_channels: int) -> torch.Tensor | None:
         """[m] bool: True at kept MLP channels, or None when the plan keeps every channel."""
@@ -166,18 +212,19 @@ class LayerPlan:
             return None
         keep = self.__dict__.get("_" + name)
         if keep is None or keep.numel() != total:
-            keep = self.__dict__["_" + name] = keep_vector(dropped, total)
+            batch = self.__dict__.get("_channels_batch" if name == "keep_channels" else "_groups_batch")
+            if batch is not None and batch[0].total(name) == total:
+                keep = batch[0].get(name, batch[1])
+            else:
+                keep = keep_vector(dropped, total)
+            self.__dict__["_" + name] = keep
         return keep
 
-    def prefill(self, **derived: torch.Tensor) -> LayerPlan:
-        """Set derived tensors computed elsewhere (batched over layers): ``q_rows``, ``kv_rows``,
-        ``dropped_q_rows``, ``dropped_kv_rows``, ``keep_channels``, ``keep_q_rows``, ``keep_kv_rows``. They
-        must equal what the plan would compute itself (the ``Omitter``'s tests compare). Returns the plan."""
-        unknown = set(derived) - _DERIVED
-        if unknown:
-            raise KeyError(f"LayerPlan.prefill: unknown {sorted(unknown)}")
-        for name, value in derived.items():  # cached_property keeps its values in __dict__ (frozen is no obstacle)
-            self.__dict__[name if name in _ROWS else "_" + name] = value
+    def use_batch(self, batch: PlanBatch, row: int) -> LayerPlan:
+        """Take row ids and keep vectors from ``batch`` (row ``row``: this layer), computed there for every layer
+        at once on first use. Its kept / dropped ids must be this plan's channels or groups. Returns the plan."""
+        # cached_property and _keep keep their values in __dict__ (frozen is no obstacle)
+        self.__dict__["_groups_batch" if batch.kind == "groups" else "_channels_batch"] = (batch, row)
         return self
 
     def slices(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -19,6 +19,7 @@ weight in the input dtype; RoPE rotates halves); modules of another kind fall ba
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -136,9 +137,38 @@ class Eager:
         return f
 
 
+def _recompile_limit_hit(err: BaseException | None) -> bool:
+    """Whether ``err`` (or what caused it) is dynamo refusing to compile ``fn`` once more."""
+    while err is not None:
+        if type(err).__name__ == "FailOnRecompileLimitHit" or "recompile limit" in str(err).lower():
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    """``fn`` through ``torch.compile``; past dynamo's recompile limit for ``fn`` (``recompile_limit``, 8 by
+    default — each new dtype / rank / requires-grad / autocast combination of the inputs is one more
+    compilation, and one process can meet many: fp32 and bf16 models, autocast, evaluation), the calls that
+    would need another compilation run ``fn`` eagerly (same formulas, same results) with one warning,
+    instead of failing the step."""
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    warned = []
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except Exception as err:
+            if not _recompile_limit_hit(err):
+                raise
+            if not warned:
+                warned.append(True)
+                warnings.warn(f"centrifuge: torch.compile of {fn.__name__} reached dynamo's recompile limit; "
+                              "new input kinds run it eagerly", RuntimeWarning, stacklevel=2)
+            return fn(*args)
+
+    return call
 
 
 class Compiled(Eager):

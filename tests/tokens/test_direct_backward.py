@@ -214,7 +214,9 @@ def test_autocast_direct_equals_replay_on_cuda(model_type, compile, gen, direct_
     _, ref = run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)
     assert len(direct_calls) == 2
     assert all(torch.isfinite(g).all() for g in grads.values())
-    assert max_rel_err(grads, replay) < 1e-3
+    # Eager: the same roundings (measured bit-equal up to fp32 summation order). Compiled: inductor keeps a
+    # fused kernel's bf16 intermediates in fp32, and the two graphs fuse differently — bf16-level differences.
+    assert max_rel_err(grads, replay) < (1e-2 if compile else 1e-3)
     assert max_rel_err(grads, ref) < 5e-2
 
 

@@ -21,9 +21,9 @@ import pstats
 import statistics
 import sys
 import time
-import warnings
 
 import torch
+from gpu_host_overhead import count_syncs  # a sibling script: benchmarks/ is sys.path[0] when run
 
 import centrifuge
 from centrifuge import neurons
@@ -103,17 +103,7 @@ def main() -> int:
         entry = {name: statistics.median(v) for name, v in times.items()}
         entry["step"] = statistics.median(totals)
         if cuda:
-            sites = []
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    step()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            sites = sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
-                            if "synchroniz" in str(w.message)})
-            entry["sync_sites"] = sites
+            entry["sync_sites"] = count_syncs(step)["sites"]
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(5):

@@ -14,9 +14,16 @@ def _scale_shift(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x * w + 1.0
 
 
-def test_past_the_recompile_limit_runs_eagerly(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+def test_past_the_recompile_limit_runs_eagerly():
     torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            _check_fallback()
+    finally:
+        torch._dynamo.reset()
+
+
+def _check_fallback():
     f = _compiled(_scale_shift)
     gen = torch.Generator().manual_seed(0)
     x32, w32 = torch.randn(5, 7, generator=gen), torch.randn(7, generator=gen)
@@ -29,4 +36,3 @@ def test_past_the_recompile_limit_runs_eagerly(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert torch.equal(f(x3, w64), _scale_shift(x3, w64))
-    torch._dynamo.reset()

@@ -191,9 +191,7 @@ class _SavedLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         if out_values is None:  # in the dtype the real linear would give (autocast's, if on)
-            device_type = x.device.type
-            dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                     else torch.promote_types(x.dtype, weight.dtype))
+            dtype = _autocast_state(x.device.type) or torch.promote_types(x.dtype, weight.dtype)
             return x.new_empty(x.shape[0], weight.shape[0], dtype=dtype)
         return out_values
 

@@ -75,3 +75,75 @@ def test_group_activation_by_feature_norms_equals_the_direct_reduction():
     assert torch.allclose(importance.group_activation(o, 2).double(), expected, rtol=1e-6, atol=0)  # float32 out
     strided = o.transpose(0, 1)  # not contiguous: the direct reduction
     assert torch.allclose(importance.group_activation(strided, 2).double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_gather_backward_copies_what_index_select_backward_adds(dim):
+    from centrifuge.neurons.layers import gather
+
+    torch.manual_seed(dim)
+    source = torch.randn(37, 29, dtype=torch.float64, requires_grad=True)
+    index = torch.randperm(source.shape[dim])[:13]  # distinct, unsorted, not a round count
+    upstream = torch.randn(source.index_select(dim, index).shape, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(source.index_select(dim, index), source, upstream)
+    out = gather(source, dim, index)
+    assert torch.equal(out, source.index_select(dim, index))
+    (got,) = torch.autograd.grad(out, source, upstream)
+    assert torch.equal(got, expected)
+    omitted = torch.ones(source.shape[dim], dtype=torch.bool)
+    omitted[index] = False
+    assert got.index_select(dim, omitted.nonzero().squeeze(1)).abs().sum() == 0
+    assert torch.equal(got.index_select(dim, index), upstream)
+    with torch.no_grad():
+        assert not gather(source, dim, index).requires_grad
+
+
+def test_sliced_linear_gradients_equal_the_index_select_linear():
+    from centrifuge.neurons.layers import sliced_linear
+
+    torch.manual_seed(1)
+    module = torch.nn.Linear(23, 31, bias=True, dtype=torch.float64)
+    x = torch.randn(5, 3, 23, dtype=torch.float64)
+    rows, cols = torch.randperm(31)[:11], torch.randperm(23)[:9]
+    for r, c in ((rows, None), (None, cols), (rows, cols)):
+        x_in = x if c is None else x[..., c]
+        w = module.weight if r is None else module.weight.index_select(0, r)
+        w = w if c is None else w.index_select(1, c)
+        b = module.bias if r is None else module.bias.index_select(0, r)
+        upstream = torch.randn(5, 3, w.shape[0], dtype=torch.float64)
+        expected = torch.autograd.grad(torch.nn.functional.linear(x_in, w, b), (module.weight, module.bias), upstream)
+        got = torch.autograd.grad(sliced_linear(module, x_in, rows=r, cols=c), (module.weight, module.bias), upstream)
+        for e, g in zip(expected, got, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_statistics_read_an_even_stride_of_at_most_max_rows_tokens():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 7, 11, dtype=torch.float64, generator=gen) + 0.5  # 21 tokens
+    assert importance.token_sample(x.reshape(21, 11), 10).shape[0] == 7  # stride 3
+    assert importance.token_sample(x.reshape(21, 11), 21).shape[0] == 21
+    sampled = x.reshape(21, 11)[::3]
+    expected = sampled.square().mean(0).sqrt()
+    assert torch.allclose(importance.feature_rms(x, 10).double(), expected, rtol=1e-6, atol=0)
+    assert torch.allclose(importance.feature_rms(x, 0).double(), x.reshape(21, 11).square().mean(0).sqrt(),
+                          rtol=1e-6, atol=0)
+    o = torch.randn(3, 7, 6, 5, dtype=torch.float64, generator=gen)  # h = 3 groups × G = 2
+    for tensor in (o, o.transpose(0, 1)):  # contiguous and not
+        rows = tensor.reshape(21, 6, 5)[::3]
+        expected = (rows.square().sum((0, 2)) / (7 * 5)).sqrt().view(3, 2).sum(1)
+        got = importance.group_activation(tensor, 2, max_rows=10).double()
+        assert torch.allclose(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("stat_tokens", [0, 9])
+def test_activation_scores_come_from_the_sampled_tokens(stat_tokens):
+    model = tiny_model("llama")
+    omitter = neurons.attach(model, rate=0.5, metric="activation", multiple=16, stat_tokens=stat_tokens)
+    seen = []
+    hook = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    model(**batch(0, b=2, s=16))  # the first step runs dense and gathers statistics of every channel
+    hook.remove()
+    a = seen[0].reshape(32, -1)
+    rows = a if stat_tokens == 0 else a[::4]  # 32 tokens, at most 9: stride 4 → 8 tokens
+    expected = rows.square().mean(0).sqrt()
+    torch.testing.assert_close(omitter.layer_state(1).mlp_score.double(), expected, rtol=1e-6, atol=0)

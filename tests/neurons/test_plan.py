@@ -40,6 +40,12 @@ def test_config_rejects_unknown_names():
         OmissionConfig.from_dict({"ratio": 0.5})
 
 
+@pytest.mark.parametrize("value", [-1, 1.5, True, "4096"])
+def test_config_rejects_a_bad_stat_token_count(value):
+    with pytest.raises(ValueError, match="neurons.stat_tokens must be an integer ≥ 0"):
+        OmissionConfig(stat_tokens=value)
+
+
 def test_layer_plan_rows_follow_kv_groups():
     # 8 query heads, 4 KV groups (G = 2), head_dim 3: keep groups 2 and 0
     lp = LayerPlan.build(groups=[2, 0], num_groups=4, heads_per_group=2, head_dim=3, channels=[5, 1],

@@ -61,6 +61,7 @@ class OmissionConfig:
         multiple: kept MLP channels are rounded up to a multiple of this (tensor cores); KV groups are whole.
         layers: decoder layer indices that omit; None = all.
         ema: decay of the EMA statistics (activation RMS, input-feature RMS); 0 = last forward only.
+        stat_tokens: the statistics read at most this many tokens of each forward (evenly strided); 0 = all.
         seed: of the random choices; a plan depends only on (seed, step, statistics).
     """
 
@@ -77,6 +78,7 @@ class OmissionConfig:
     multiple: int = 64
     layers: tuple[int, ...] | None = None
     ema: float = 0.9
+    stat_tokens: int = 4096
     seed: int = 0
 
     def __post_init__(self):
@@ -102,6 +104,8 @@ class OmissionConfig:
             raise ValueError(f"neurons.multiple must be ≥ 1, got {self.multiple}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"neurons.ema must be in [0, 1), got {self.ema}")
+        if isinstance(self.stat_tokens, bool) or not isinstance(self.stat_tokens, int) or self.stat_tokens < 0:
+            raise ValueError(f"neurons.stat_tokens must be an integer ≥ 0 (0 = all tokens), got {self.stat_tokens!r}")
         if not (self.mlp or self.heads):
             raise ValueError("neurons: set mlp or heads (or both) to true")
         self.make_schedule()  # checks hold_fraction / rungs
@@ -142,7 +146,8 @@ class Omitter:
         self._layers: dict[int, LayerOmission] = {}
         try:
             for i in sorted(set(chosen)):
-                om = LayerOmission(layers[i], self.spec, i, metric=self.config.metric, ema=self.config.ema)
+                om = LayerOmission(layers[i], self.spec, i, metric=self.config.metric, ema=self.config.ema,
+                                   stat_tokens=self.config.stat_tokens)
                 install(layers[i], om, mlp=self.config.mlp, heads=self.config.heads)
                 self._layers[i] = om
         except Exception:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from centrifuge.models.registry import ArchSpec
+from centrifuge.neurons.layers import full_size_grad, sliced_weight
 from centrifuge.neurons.plan import LayerPlan
 from centrifuge.ops.elementwise import (
     Eager,
@@ -74,14 +75,8 @@ def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter
 
 def _sliced_weight(module: nn.Linear, name: str, plan: LayerPlan | None):
     """(weight [out', in'], bias [out'] or None, rows, cols) under the omission plan."""
-    weight, bias = module.weight, module.bias
     rows, cols = (None, None) if plan is None else plan.slices(name)
-    if rows is not None:
-        weight = weight.index_select(0, rows)
-        bias = None if bias is None else bias.index_select(0, rows)
-    if cols is not None:
-        weight = weight.index_select(1, cols)
-    return weight, bias, rows, cols
+    return (*sliced_weight(module, rows, cols), rows, cols)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
@@ -92,10 +87,8 @@ def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> 
 
 
 def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """A sliced gradient scattered into a zero gradient of ``param``'s shape (omitted rows / columns: 0)."""
-    if index is None:
-        return grad
-    return torch.zeros_like(param).index_copy_(dim, index, grad)
+    """A sliced gradient as ``param``'s gradient (omitted rows / columns: 0)."""
+    return grad if index is None else full_size_grad(grad, param.shape, dim, index)
 
 
 class _Grads:

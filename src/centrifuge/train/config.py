@@ -233,6 +233,7 @@ class NeuronsSection:
     multiple: int = 64  # kept MLP channels rounded up to a multiple of this
     layers: list[int] | None = None  # decoder layers that omit; null = all
     ema: float = 0.9  # decay of the importance statistics
+    stat_tokens: int = 4096  # the statistics read at most this many tokens of a forward (evenly strided); 0 = all
     seed: int = 0
     protect_optimizer: bool = True  # omitted rows and their AdamW state do not move in a step
 

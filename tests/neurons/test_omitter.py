@@ -191,3 +191,57 @@ def test_a_dense_forward_in_the_step_unprotects_everything():
     opt.step()
     dropped = plan.layers[0].dropped_channels
     assert not torch.equal(w.detach()[dropped], before[dropped])
+
+
+def _same_plan(a, b) -> bool:
+    if (a.step, a.rate, a.dense_layers, sorted(a.layers)) != (b.step, b.rate, b.dense_layers, sorted(b.layers)):
+        return False
+    return all(torch.equal(getattr(a.layers[i], f), getattr(b.layers[i], f))
+               for i in a.layers for f in ("channels", "groups", "dropped_channels", "dropped_groups"))
+
+
+@pytest.mark.parametrize("metric", ["activation", "uniform"])
+def test_a_protected_optimizer_step_prefetches_the_plan_that_plan_would_make(metric):
+    model = tiny_model("llama")
+    omitter = neurons.attach(model, rate=0.5, metric=metric, multiple=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    omitter.protect(opt)
+    for step in range(3):
+        omitter.plan(step)
+        step_grads(model, batch(step))
+        opt.step()
+        key, prefetched = omitter._prefetched
+        assert key[0] == step + 1
+        assert _same_plan(prefetched, omitter._make_plan(step + 1, None))
+    assert omitter.plan(3) is prefetched  # taken as is
+    assert omitter._prefetched is None
+
+    # statistics changed after the prefetch (another forward): plan() makes a fresh one, equal to a twin's
+    step_grads(model, batch(3))
+    opt.step()
+    _, stale = omitter._prefetched
+    step_grads(model, batch(4))
+    fresh = omitter.plan(4)
+    assert _same_plan(fresh, omitter._make_plan(4, None))
+    if metric == "activation":
+        assert fresh is not stale and not _same_plan(fresh, stale)
+    else:  # no statistics: nothing changed, the prefetched plan holds
+        assert fresh is stale
+    # another step than the prefetched one: made afresh
+    step_grads(model, batch(5))
+    opt.step()
+    assert omitter._prefetched[0][0] == 5
+    assert omitter.plan(9).step == 9
+
+
+def test_prefetch_past_the_schedule_end_leaves_the_error_to_plan():
+    model = tiny_model("llama")
+    omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=16, schedule="linear")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    omitter.protect(opt)
+    omitter.plan(3, 4)  # the last step
+    step_grads(model, batch(0))
+    opt.step()  # step 4 of 4 does not exist: no prefetch, no error here
+    assert omitter._prefetched is None
+    with pytest.raises(ValueError, match=r"step 4 outside \[0, 4\)"):
+        omitter.plan(4, 4)

@@ -132,6 +132,7 @@ class LayerOmission:
         mlp_score: [m] float32 channel importance from earlier training forwards, or None.
         group_score: [Hkv] float32 KV-group importance, or None.
         mlp_x_ms, attn_x_ms: [d] float32 EMA of the squared input features (``wanda``), or None.
+        version: how many times the statistics were updated.
     """
 
     def __init__(self, layer: nn.Module, spec: ArchSpec, layer_idx: int, *, metric: str, ema: float,
@@ -142,6 +143,7 @@ class LayerOmission:
         self.metric = metric
         self.ema = ema
         self.stat_tokens = stat_tokens  # tokens read per forward for the statistics (0 = all)
+        self.version = 0  # counts statistics updates (a prefetched plan is valid while it stays)
         self.probe = layer.mlp.gate_proj.weight  # where the layer lives (Omitter._device)
         self.num_channels = layer.mlp.gate_proj.out_features
         self.head_dim = attn.head_dim
@@ -166,6 +168,7 @@ class LayerOmission:
     @torch.no_grad()
     def observe_mlp(self, mlp: nn.Module, x: torch.Tensor, a: torch.Tensor | None, kept: torch.Tensor | None):
         """x [..., d] MLP input; a [..., k] gated activation of the ``kept`` channels (all when None)."""
+        self.version += 1
         if self.metric == "magnitude":
             self.mlp_score = importance.mlp_magnitude(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
         elif self.metric == "wanda":
@@ -183,6 +186,7 @@ class LayerOmission:
     @torch.no_grad()
     def observe_attn(self, attn: nn.Module, x: torch.Tensor, o: torch.Tensor | None, groups: torch.Tensor | None):
         """x [B, S, d] attention input; o [B, S, h, D] attention output of the kept ``groups`` (all when None)."""
+        self.version += 1
         kw = dict(heads_per_group=self.heads_per_group, head_dim=self.head_dim)
         if self.metric == "magnitude":
             self.group_score = importance.group_magnitude(

@@ -162,6 +162,8 @@ class Omitter:
         self._since_step: list[OmissionPlan] = []
         self._masks: list = []  # OptimizerMask objects registered by protect()
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._last_planned: tuple[int, int | None] | None = None  # (step, total_steps) of the last plan()
+        self._prefetched: tuple[tuple, OmissionPlan] | None = None  # (plan key, plan) made ahead by prefetch
         log.info("centrifuge: neuron omission on %d of %d layers (%s%s, metric=%s, select=%s)", len(self._layers),
                  len(layers), "mlp" if self.config.mlp else "", "+heads" if self.config.heads else "",
                  self.config.metric, self.config.select)
@@ -190,8 +192,29 @@ class Omitter:
         """Choose the kept units of every omitting layer for ``step``, set them on the layers, return them.
 
         One selection per unit kind for all the layers of a device; the plans' row ids and keep vectors come
-        later, batched too, on first use (``PlanBatch``): this runs before the first forward kernel, so its
-        host time is time the GPU waits. No synchronisation."""
+        later, batched too, on first use (``PlanBatch``). No synchronisation. This runs before the first
+        forward kernel, so its host time (~2 ms for 22 layers) is time the GPU waits — unless the plan was
+        prefetched: a protected optimizer's step (``protect``) makes the next step's plan while the GPU is
+        still busy, and ``plan`` takes it when step, total and statistics are the same (a plan depends on
+        nothing else, so it is the plan ``plan`` would make)."""
+        total = total_steps if total_steps is not None else self.total_steps
+        key = self._plan_key(step, total)
+        prefetched, self._prefetched = self._prefetched, None
+        plan = prefetched[1] if prefetched is not None and prefetched[0] == key else self._make_plan(step, total)
+        self._last_planned = (step, total)
+        self.set_plan(plan)
+        return plan
+
+    def prefetch(self, step: int, total_steps: int | None = None) -> None:
+        """Make ``step``'s plan now (not set on the layers); the next ``plan(step)`` uses it if the statistics
+        have not changed in between."""
+        total = total_steps if total_steps is not None else self.total_steps
+        self._prefetched = (self._plan_key(step, total), self._make_plan(step, total))
+
+    def _plan_key(self, step: int, total: int | None) -> tuple:
+        return step, total, tuple(om.version for om in self._layers.values())
+
+    def _make_plan(self, step: int, total_steps: int | None) -> OmissionPlan:
         rate = self.rate_at(step, total_steps)
         cfg = self.config
         units: dict[int, dict] = {}  # layer → LayerPlan fields
@@ -219,9 +242,7 @@ class Omitter:
             for batch, row in batches[i]:
                 lp.use_batch(batch, row)
         layers = dict(sorted(layers.items()))
-        plan = OmissionPlan(rate=rate, layers=layers, step=step, dense_layers=tuple(sorted(waiting)))
-        self.set_plan(plan)
-        return plan
+        return OmissionPlan(rate=rate, layers=layers, step=step, dense_layers=tuple(sorted(waiting)))
 
     def _generator(self, device: torch.device, step: int, unit: int) -> torch.Generator:
         gen = self._generators.get(device)
@@ -332,7 +353,17 @@ class Omitter:
         return out
 
     def _optimizer_stepped(self) -> None:
+        """Called by a protected optimizer after its step: start the next step's plan (``prefetch``) — on one
+        process only (with several, ``plan`` broadcasts rank 0's choice, kept where every rank calls it)."""
         self._since_step = []
+        if self._last_planned is None or (dist.is_available() and dist.is_initialized()
+                                          and dist.get_world_size() > 1):
+            return
+        step, total = self._last_planned
+        try:
+            self.prefetch(step + 1, total)
+        except ValueError:  # e.g. past the schedule's end: the next plan() call reports it, if it comes
+            self._prefetched = None
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -351,6 +382,7 @@ class Omitter:
             if om is None or name not in self._STAT_NAMES:
                 raise KeyError(f"unexpected omission statistic {key!r}")
             setattr(om, name, value.to(self._device(int(layer))))
+            om.version += 1
 
     def layer_state(self, layer_idx: int) -> LayerOmission:
         """The ``LayerOmission`` (plan and statistics) of one omitting layer."""

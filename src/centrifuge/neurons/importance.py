@@ -95,29 +95,47 @@ def token_sample(rows: torch.Tensor, max_rows: int | None) -> torch.Tensor:
     return rows[:: -(-total // max_rows)]
 
 
+def feature_norms(x: torch.Tensor, max_rows: int | None = None) -> tuple[torch.Tensor, int]:
+    """x [..., n] → ([n] float32 L2 norm of each feature over the tokens read, how many tokens were read):
+    all leading (token) positions, or an evenly strided sample of at most ``max_rows`` (``token_sample``).
+    One reduction kernel."""
+    rows = token_sample(x.reshape(-1, x.shape[-1]), max_rows)
+    return _norm(rows, 0), rows.shape[0]
+
+
 def feature_rms(x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
     """x [..., n] → [n] float32: root-mean-square of each feature over the leading (token) dimensions — over
     an evenly strided sample of at most ``max_rows`` tokens when given (``token_sample``)."""
-    rows = token_sample(x.reshape(-1, x.shape[-1]), max_rows)
-    return _norm(rows, 0) / max(rows.shape[0], 1) ** 0.5
+    norms, count = feature_norms(x, max_rows)
+    return norms / max(count, 1) ** 0.5
+
+
+def head_feature_norms(o: torch.Tensor, max_rows: int | None = None) -> tuple[torch.Tensor, int]:
+    """Attention output o [B, S, h, D] → ([h·D] float32 L2 norm of each head feature over the tokens read, how
+    many tokens were read). One reduction kernel: the input to ``groups_from_feature_norms``."""
+    h, D = o.shape[2], o.shape[3]
+    tokens = o.shape[0] * o.shape[1]
+    if o.is_contiguous() or (max_rows and tokens > max_rows):
+        # a column reduction of [B·S, h·D]: ~3× faster on an H100 than reducing dims (0, 1) of [B, S, h, D]
+        return feature_norms(o.reshape(tokens, h * D), max_rows)
+    return _norm(o, (0, 1)).reshape(h * D), tokens
+
+
+def groups_from_feature_norms(norms: torch.Tensor, tokens: int, *, head_dim: int,
+                              heads_per_group: int) -> torch.Tensor:
+    """Head-feature norms [..., h·D] over ``tokens`` tokens → [..., g] float32: per KV group, the sum over its
+    heads of the head output's root-mean-square over tokens and D (batched over leading dimensions)."""
+    lead = norms.shape[:-1]
+    heads = norms.square().view(*lead, -1, head_dim).sum(-1).sqrt() / max(tokens * head_dim, 1) ** 0.5
+    return heads.view(*lead, -1, heads_per_group).sum(-1)
 
 
 def group_activation(o: torch.Tensor, heads_per_group: int, max_rows: int | None = None) -> torch.Tensor:
     """Attention output o [B, S, h, D] (h = g·G kept query heads) → [g] float32: per group, the sum over its
     heads of the head output's root-mean-square over tokens and D (tokens: at most ``max_rows`` of them,
     evenly strided, when given)."""
-    h, D = o.shape[2], o.shape[3]
-    tokens = o.shape[0] * o.shape[1]
-    if o.is_contiguous() or (max_rows and tokens > max_rows):
-        # per-feature norms over the tokens first (a column reduction of [B·S, h·D], ~3× faster on an H100
-        # than reducing dims (0, 1, 3) at once), then over each head's D
-        rows = token_sample(o.reshape(tokens, h * D), max_rows)
-        heads = _norm(rows, 0).square().view(h, D).sum(1).sqrt()
-        count = rows.shape[0] * D
-    else:
-        heads, count = _norm(o, (0, 1, 3)), tokens * D
-    heads = heads / max(count, 1) ** 0.5
-    return heads.view(-1, heads_per_group).sum(1)
+    norms, tokens = head_feature_norms(o, max_rows)
+    return groups_from_feature_norms(norms, tokens, head_dim=o.shape[3], heads_per_group=heads_per_group)
 
 
 # ------------------------------------------------------------------------------------------- selection

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from centrifuge.models.registry import ArchSpec, UnsupportedModelError
-from centrifuge.neurons import importance
+from centrifuge.neurons import importance, statistics
 from centrifuge.neurons.plan import LayerPlan
 
 Linear = Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
@@ -114,16 +114,6 @@ def omission_linear(plan: LayerPlan | None) -> Linear:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _ema(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
-    """EMA of ``old`` [n] with ``new`` [n]; the first value is taken as is."""
-    return new if old is None else old.mul(decay).add_(new, alpha=1.0 - decay)
-
-
-def _ema_at(old: torch.Tensor, new: torch.Tensor, decay: float, at: torch.Tensor) -> torch.Tensor:
-    """EMA of ``old`` [n] with ``new`` [k] at indices ``at`` [k]; the other entries stay."""
-    return old.index_copy(0, at, old.index_select(0, at).mul_(decay).add_(new, alpha=1.0 - decay))
-
-
 class LayerOmission:
     """Omission state of one decoder layer, stored on its ``mlp`` and ``self_attn`` as ``_centrifuge_omission``.
 
@@ -133,6 +123,9 @@ class LayerOmission:
         group_score: [Hkv] float32 KV-group importance, or None.
         mlp_x_ms, attn_x_ms: [d] float32 EMA of the squared input features (``wanda``), or None.
         version: how many times the statistics were updated.
+        pending: kind ("mlp" / "group") → ``statistics.Pending``, activation statistics not yet in the scores
+            (applied by ``statistics.flush``, which the ``Omitter`` runs for all layers at once; reading a
+            score applies its own first).
     """
 
     def __init__(self, layer: nn.Module, spec: ArchSpec, layer_idx: int, *, metric: str, ema: float,
@@ -150,8 +143,8 @@ class LayerOmission:
         self.heads_per_group = attn.num_key_value_groups
         self.num_groups = attn.k_proj.out_features // attn.head_dim
         self.plan: LayerPlan | None = None
-        self.mlp_score: torch.Tensor | None = None
-        self.group_score: torch.Tensor | None = None
+        self.scores: dict[str, torch.Tensor | None] = {"mlp": None, "group": None}
+        self.pending: dict[str, statistics.Pending] = {}
         self.mlp_x_ms: torch.Tensor | None = None
         self.attn_x_ms: torch.Tensor | None = None
         self.original_mlp: Callable | None = None
@@ -165,6 +158,38 @@ class LayerOmission:
 
     # ---- statistics, gathered in training forwards (no autograd)
 
+    @property
+    def mlp_score(self) -> torch.Tensor | None:
+        return self._score("mlp")
+
+    @mlp_score.setter
+    def mlp_score(self, value: torch.Tensor | None) -> None:
+        self.pending.pop("mlp", None)
+        self.scores["mlp"] = value
+
+    @property
+    def group_score(self) -> torch.Tensor | None:
+        return self._score("group")
+
+    @group_score.setter
+    def group_score(self, value: torch.Tensor | None) -> None:
+        self.pending.pop("group", None)
+        self.scores["group"] = value
+
+    def has_score(self, kind: str) -> bool:
+        """Whether the ``kind`` ("mlp" / "group") score exists or a pending statistic will make it."""
+        return self.scores[kind] is not None or kind in self.pending
+
+    def _score(self, kind: str) -> torch.Tensor | None:
+        if kind in self.pending:
+            statistics.flush([self], kind)
+        return self.scores[kind]
+
+    def _defer(self, kind: str, norms: torch.Tensor, kept: torch.Tensor | None, tokens: int) -> None:
+        if kind in self.pending:  # a second forward before a flush (accumulation): apply the first one first
+            statistics.flush([self], kind)
+        self.pending[kind] = statistics.Pending(norms, kept, tokens)
+
     @torch.no_grad()
     def observe_mlp(self, mlp: nn.Module, x: torch.Tensor, a: torch.Tensor | None, kept: torch.Tensor | None):
         """x [..., d] MLP input; a [..., k] gated activation of the ``kept`` channels (all when None)."""
@@ -172,16 +197,12 @@ class LayerOmission:
         if self.metric == "magnitude":
             self.mlp_score = importance.mlp_magnitude(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
         elif self.metric == "wanda":
-            self.mlp_x_ms = _ema(self.mlp_x_ms, importance.feature_rms(x, self.stat_tokens).square(), self.ema)
+            self.mlp_x_ms = statistics.ema(self.mlp_x_ms, importance.feature_rms(x, self.stat_tokens).square(),
+                                           self.ema)
             self.mlp_score = importance.mlp_wanda(mlp.gate_proj.weight, mlp.up_proj.weight, self.mlp_x_ms.sqrt())
         elif self.metric == "activation":
-            rms = importance.feature_rms(a, self.stat_tokens)
-            if kept is None:
-                self.mlp_score = _ema(self.mlp_score, rms, self.ema)
-            else:
-                if self.mlp_score is None:
-                    self.mlp_score = torch.zeros(self.num_channels, device=rms.device)
-                self.mlp_score = _ema_at(self.mlp_score, rms, self.ema, kept)
+            norms, tokens = importance.feature_norms(a, self.stat_tokens)
+            self._defer("mlp", norms, kept, tokens)
 
     @torch.no_grad()
     def observe_attn(self, attn: nn.Module, x: torch.Tensor, o: torch.Tensor | None, groups: torch.Tensor | None):
@@ -192,17 +213,13 @@ class LayerOmission:
             self.group_score = importance.group_magnitude(
                 attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, **kw)
         elif self.metric == "wanda":
-            self.attn_x_ms = _ema(self.attn_x_ms, importance.feature_rms(x, self.stat_tokens).square(), self.ema)
+            self.attn_x_ms = statistics.ema(self.attn_x_ms, importance.feature_rms(x, self.stat_tokens).square(),
+                                            self.ema)
             self.group_score = importance.group_wanda(
                 attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, self.attn_x_ms.sqrt(), **kw)
         elif self.metric == "activation":
-            act = importance.group_activation(o, self.heads_per_group, self.stat_tokens)
-            if groups is None:
-                self.group_score = _ema(self.group_score, act, self.ema)
-            else:
-                if self.group_score is None:
-                    self.group_score = torch.zeros(self.num_groups, device=act.device)
-                self.group_score = _ema_at(self.group_score, act, self.ema, groups)
+            norms, tokens = importance.head_feature_norms(o, self.stat_tokens)
+            self._defer("group", norms, groups, tokens)
 
 
 # --------------------------------------------------------------------------------------------------------

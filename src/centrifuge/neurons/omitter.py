@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from centrifuge import schedules
 from centrifuge.models.registry import spec_for
-from centrifuge.neurons import importance
+from centrifuge.neurons import importance, statistics
 from centrifuge.neurons.layers import STATE_ATTR, LayerOmission, install, uninstall
 from centrifuge.neurons.plan import (
     LayerPlan,
@@ -222,12 +222,12 @@ class Omitter:
         waiting: set[int] = set()
         if rate > 0.0 and self._layers:
             first = next(iter(self._layers.values()))
-            for kind, on, n, multiple, score in (("channels", cfg.mlp, first.num_channels, cfg.multiple, "mlp_score"),
-                                                 ("groups", cfg.heads, first.num_groups, 1, "group_score")):
+            for kind, on, n, multiple in (("channels", cfg.mlp, first.num_channels, cfg.multiple),
+                                          ("groups", cfg.heads, first.num_groups, 1)):
                 k = kept_count(n, rate, multiple)
                 if not on or k == n:
                     continue
-                chosen, w = self._choose(step, 0 if kind == "channels" else 1, k, n, score)
+                chosen, w = self._choose(step, 0 if kind == "channels" else 1, k, n)
                 waiting |= w
                 for layer_ids, kept, dropped in chosen:
                     batch = PlanBatch(kind, kept, dropped, n, heads_per_group=first.heads_per_group,
@@ -251,21 +251,24 @@ class Omitter:
         gen.manual_seed((self.config.seed * 1_000_003 + step) * 4 + unit)
         return gen
 
-    def _choose(self, step: int, unit: int, k: int, n: int, score_attr: str):
+    def _choose(self, step: int, unit: int, k: int, n: int):
         """Kept / dropped ids of the layers whose metric is ready, batched per device.
 
         Returns ([(layer ids, kept [L, k], dropped [L, n − k]) per device], layers still waiting for
         statistics)."""
         cfg = self.config
         uniform = cfg.metric == "uniform"
-        ready = [(i, om) for i, om in self._layers.items() if uniform or getattr(om, score_attr) is not None]
+        kind = "mlp" if unit == 0 else "group"
+        ready = [(i, om) for i, om in self._layers.items() if uniform or om.has_score(kind)]
         waiting = set(self._layers).difference(i for i, _ in ready)
         by_device: dict[torch.device, list[tuple[int, LayerOmission]]] = {}
         for i, om in ready:
             by_device.setdefault(self._device(i), []).append((i, om))
         batches = []
         for device, members in by_device.items():
-            scores = None if uniform else torch.stack([getattr(om, score_attr) for _, om in members])
+            if not uniform:
+                statistics.flush([om for _, om in members], kind)  # every layer's pending update at once
+            scores = None if uniform else torch.stack([om.scores[kind] for _, om in members])
             kept, dropped = importance.select(
                 scores, k, method=cfg.select, temperature=cfg.temperature,
                 generator=self._generator(device, step, unit), shape=(len(members), n), device=device)

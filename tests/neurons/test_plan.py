@@ -115,3 +115,18 @@ def test_uniform_selection_covers_every_unit():
     counts = torch.bincount(kept.flatten(), minlength=4)
     assert counts.min() > 200 and counts.sum() == 1000  # 250 each on average
     assert torch.equal(torch.cat([kept, dropped], 1).sort(1).values, torch.arange(4).expand(500, 4))
+
+
+def test_dropped_slices_are_the_complements_of_the_kept_slices():
+    lp = LayerPlan.build(groups=[2, 0], num_groups=4, heads_per_group=2, head_dim=3, channels=[5, 1, 8],
+                         num_channels=11)
+    sizes = {"gate_proj": 11, "up_proj": 11, "down_proj": 11, "q_proj": 24, "o_proj": 24, "k_proj": 12,
+             "v_proj": 12}
+    for name, size in sizes.items():
+        kept, dropped = lp.slices(name), lp.dropped(name)
+        dim = 0 if kept[0] is not None else 1
+        assert kept[1 - dim] is None and dropped[1 - dim] is None
+        both = torch.cat([kept[dim], dropped[dim]]).sort().values
+        assert torch.equal(both, torch.arange(size)), name
+    with pytest.raises(KeyError, match="lm_head"):
+        lp.dropped("lm_head")

@@ -229,17 +229,25 @@ class LayerPlan:
 
     def slices(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(kept output rows, kept input columns) of the projection ``name`` (e.g. "gate_proj", "o_proj")."""
-        if name in ("gate_proj", "up_proj"):
-            return self.channels, None
-        if name == "down_proj":
-            return None, self.channels
-        if name == "q_proj":
-            return self.q_rows, None
-        if name in ("k_proj", "v_proj"):
-            return self.kv_rows, None
-        if name == "o_proj":
-            return None, self.q_rows
-        raise KeyError(f"no omission slice for projection {name!r}")
+        return self._pair(name, "")
+
+    def dropped(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(omitted output rows, omitted input columns) of the projection ``name``: the complements of
+        ``slices(name)``."""
+        return self._pair(name, "dropped_")
+
+    def _pair(self, name: str, prefix: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        where = _PROJECTION_SLICES.get(name)
+        if where is None:
+            raise KeyError(f"no omission slice for projection {name!r}")
+        ids = getattr(self, prefix + where[0])
+        return (ids, None) if where[1] == 0 else (None, ids)
+
+
+# projection → (the LayerPlan attribute of its kept ids, the weight dimension they index: 0 rows, 1 columns)
+_PROJECTION_SLICES = {"gate_proj": ("channels", 0), "up_proj": ("channels", 0), "down_proj": ("channels", 1),
+                      "q_proj": ("q_rows", 0), "k_proj": ("kv_rows", 0), "v_proj": ("kv_rows", 0),
+                      "o_proj": ("q_rows", 1)}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -76,7 +76,7 @@ def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter
 def _sliced_weight(module: nn.Linear, name: str, plan: LayerPlan | None):
     """(weight [out', in'], bias [out'] or None, rows, cols) under the omission plan."""
     rows, cols = (None, None) if plan is None else plan.slices(name)
-    return (*sliced_weight(module, rows, cols), rows, cols)
+    return (*sliced_weight(module, rows, cols), rows, cols)  # no autograd here: the complements are not needed
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
@@ -86,9 +86,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> 
     return a @ b
 
 
-def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """A sliced gradient as ``param``'s gradient (omitted rows / columns: 0)."""
-    return grad if index is None else full_size_grad(grad, param.shape, dim, index)
+def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | None, dropped: torch.Tensor | None,
+               dim: int) -> torch.Tensor:
+    """A sliced gradient as ``param``'s gradient (omitted rows / columns: 0; ``dropped``: the complement)."""
+    return grad if index is None else full_size_grad(grad, param.shape, dim, index, dropped)
 
 
 class _Grads:
@@ -101,12 +102,16 @@ class _Grads:
         """Weight (and bias) gradient of linear ``name`` from its output grad dy [M, out'] and input x [M, in']."""
         module = self.mods[name]
         rows, cols = (None, None) if self.plan is None else self.plan.slices(name)
+        dropped_rows, dropped_cols = (None, None) if self.plan is None else self.plan.dropped(name)
         dw = _mm(dy.t(), x, self.compute_dtype).to(module.weight.dtype)
-        dw = _full_size(dw, module.weight, rows if rows is not None else cols, 0 if rows is not None else 1)
+        if rows is not None:
+            dw = _full_size(dw, module.weight, rows, dropped_rows, 0)
+        else:
+            dw = _full_size(dw, module.weight, cols, dropped_cols, 1)
         self.grads[f"{name}.weight"] = dw
         if module.bias is not None:
             db = (dy if self.compute_dtype is None else dy.to(self.compute_dtype)).sum(0)
-            self.grads[f"{name}.bias"] = _full_size(db.to(module.bias.dtype), module.bias, rows, 0)
+            self.grads[f"{name}.bias"] = _full_size(db.to(module.bias.dtype), module.bias, rows, dropped_rows, 0)
 
     def norm(self, name: str, dweight: torch.Tensor) -> None:
         self.grads[f"{name}.weight"] = dweight.to(self.mods[name].weight.dtype)

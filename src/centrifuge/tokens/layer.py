@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from centrifuge.models.registry import ArchSpec
 from centrifuge.neurons.layers import STATE_ATTR as OMISSION_ATTR
-from centrifuge.neurons.layers import LayerOmission
+from centrifuge.neurons.layers import LayerOmission, sliced_weight
 from centrifuge.neurons.plan import LayerPlan
 from centrifuge.ops.attention import choose_backend
 from centrifuge.ops.elementwise import EAGER, ELEMENTWISE, Eager
@@ -222,16 +222,10 @@ class _SavedAttention(torch.autograd.Function):
 def _sliced_params(module: nn.Module, name: str, plan: LayerPlan | None):
     """(weight, bias) of ``module`` restricted to the plan's kept rows / columns (under autograd, so the
     full-size gradient is zero outside them)."""
-    weight, bias = module.weight, module.bias
     if plan is None:
-        return weight, bias
-    rows, cols = plan.slices(name)
-    if rows is not None:
-        weight = weight.index_select(0, rows)
-        bias = None if bias is None else bias.index_select(0, rows)
-    if cols is not None:
-        weight = weight.index_select(1, cols)
-    return weight, bias
+        return module.weight, module.bias
+    (rows, cols), (dropped_rows, dropped_cols) = plan.slices(name), plan.dropped(name)
+    return sliced_weight(module, rows, cols, dropped_rows=dropped_rows, dropped_cols=dropped_cols)
 
 
 def _saved_linear(outputs: dict[str, torch.Tensor], plan: LayerPlan | None,

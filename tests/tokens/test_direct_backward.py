@@ -107,6 +107,30 @@ def test_direct_with_neuron_omission_equals_replay(model_type, gen, direct_calls
     assert torch.all(grads["model.layers.1.self_attn.o_proj.weight"][:, 24:48] == 0)  # group 1: heads 2, 3
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_direct_reuses_the_forwards_weight_slices_except_under_checkpointing(checkpointing, gen, direct_calls,
+                                                                              monkeypatch):
+    model = tiny_model("llama", heads=6, kv_heads=3)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    ids = torch.randint(0, VOCAB, (2, 17), generator=gen)
+    keep = torch.rand(2, 17, generator=gen) < 0.5
+    omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=8)
+    omitter.set_plan(_plan(model, channels=[2, 5, 6, 40, 41, 70, 71, 72, 78], groups=[1, 2]))
+    sliced_again = []
+    original = direct._sliced_weight
+    monkeypatch.setattr(direct, "_sliced_weight", lambda *a: sliced_again.append(a[1]) or original(*a))
+    try:
+        _, grads = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=keep)
+        _, replay = run_mode(model, "fast", backward="replay", input_ids=ids, labels=ids, keep_mask=keep)
+    finally:
+        omitter.revert()
+    assert len(direct_calls) == 2
+    assert max_rel_err(grads, replay) < TOL
+    assert len(sliced_again) == (2 * 7 if checkpointing else 0)
+
+
 @pytest.mark.parametrize("timing", ["before", "after"])
 def test_direct_with_activation_checkpointing(timing, gen, direct_calls):
     model = tiny_model("qwen3", heads=4, kv_heads=2)

@@ -74,9 +74,9 @@ def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter
 
 
 def _sliced_weight(module: nn.Linear, name: str, plan: LayerPlan | None):
-    """(weight [out', in'], bias [out'] or None, rows, cols) under the omission plan."""
+    """(weight [out', in'], bias [out'] or None) under the omission plan."""
     rows, cols = (None, None) if plan is None else plan.slices(name)
-    return (*sliced_weight(module, rows, cols), rows, cols)  # no autograd here: the complements are not needed
+    return sliced_weight(module, rows, cols)  # no autograd here: the complements are not needed
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
@@ -123,7 +123,8 @@ class _Grads:
 def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerPlan | None,
              saved: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
              attention_backward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-             ops: Eager, params: list[tuple[str, nn.Parameter]], compute_dtype: torch.dtype | None = None):
+             ops: Eager, params: list[tuple[str, nn.Parameter]], compute_dtype: torch.dtype | None = None,
+             sliced: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None):
     """Gradients of one decoder layer on its M kept rows.
 
     Args:
@@ -136,6 +137,8 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
         ops: ``ELEMENTWISE[...]`` — eager or compiled element-wise formulas.
         params: ``parameters(layer, spec)``.
         compute_dtype: the forward's autocast dtype (GEMMs in it, as autocast's linear), or None.
+        sliced: name → (weight, bias) the forward sliced under ``plan`` (kept: no second slicing here), or
+            None to slice again.
 
     Returns:
         (dx [M, d], gradients of ``params`` in order, full-sized; None for frozen ones).
@@ -143,13 +146,14 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
     mods = _modules(layer, spec)
     cd = compute_dtype
     grads = _Grads(mods, plan, cd)
-    weights = {name: _sliced_weight(mods[name], name, plan) for name in LINEARS}
+    weights = {name: sliced[name] if sliced and name in sliced else _sliced_weight(mods[name], name, plan)
+               for name in LINEARS}
     norm_eps = {name: mods[name].variance_epsilon for name in mods if name not in LINEARS}
 
     def out_of(name: str, x: torch.Tensor) -> torch.Tensor:  # saved linear output, or recomputed (checkpointing)
         if name in saved:
             return saved[name]
-        weight, bias = weights[name][:2]
+        weight, bias = weights[name]
         if cd is not None:
             x, weight, bias = x.to(cd), weight.to(cd), None if bias is None else bias.to(cd)
         return torch.nn.functional.linear(x, weight, bias)

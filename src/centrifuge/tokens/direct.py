@@ -86,10 +86,9 @@ def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> 
     return a @ b
 
 
-def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | None, dropped: torch.Tensor | None,
-               dim: int) -> torch.Tensor:
-    """A sliced gradient as ``param``'s gradient (omitted rows / columns: 0; ``dropped``: the complement)."""
-    return grad if index is None else full_size_grad(grad, param.shape, dim, index, dropped)
+def _full_size(grad: torch.Tensor, param: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """A sliced gradient as ``param``'s gradient (omitted rows / columns: 0)."""
+    return grad if index is None else full_size_grad(grad, param.shape, dim, index)
 
 
 class _Grads:
@@ -102,16 +101,15 @@ class _Grads:
         """Weight (and bias) gradient of linear ``name`` from its output grad dy [M, out'] and input x [M, in']."""
         module = self.mods[name]
         rows, cols = (None, None) if self.plan is None else self.plan.slices(name)
-        dropped_rows, dropped_cols = (None, None) if self.plan is None else self.plan.dropped(name)
         dw = _mm(dy.t(), x, self.compute_dtype).to(module.weight.dtype)
-        if rows is not None:
-            dw = _full_size(dw, module.weight, rows, dropped_rows, 0)
-        else:
-            dw = _full_size(dw, module.weight, cols, dropped_cols, 1)
+        # zeros + index_copy_ here, not ops.expand_grad's one-pass kernel: that saves ~10 µs of GPU per weight
+        # but costs ~30 µs more host time per launch, and a token-sparse step with omission is host-bound
+        # (benchmarks/results/2026-11-24-h100-omission-fast/)
+        dw = _full_size(dw, module.weight, rows, 0) if rows is not None else _full_size(dw, module.weight, cols, 1)
         self.grads[f"{name}.weight"] = dw
         if module.bias is not None:
             db = (dy if self.compute_dtype is None else dy.to(self.compute_dtype)).sum(0)
-            self.grads[f"{name}.bias"] = _full_size(db.to(module.bias.dtype), module.bias, rows, dropped_rows, 0)
+            self.grads[f"{name}.bias"] = _full_size(db.to(module.bias.dtype), module.bias, rows, 0)
 
     def norm(self, name: str, dweight: torch.Tensor) -> None:
         self.grads[f"{name}.weight"] = dweight.to(self.mods[name].weight.dtype)

@@ -21,6 +21,7 @@ the first warm-up step is dense. A short bf16 correctness check (fast path vs th
 model) runs first. Results: OUT_DIR/gpu_neurons.json; the table is printed last.
 
 Usage (GPU machine): PYTHONPATH=src python3 benchmarks/gpu_neurons.py OUT_DIR [--rate 0.5] [--reps 10]
+Plot of several runs: python3 benchmarks/gpu_neurons.py --plot OUT.png RUN1.json RUN2.json ...
 CPU smoke run:       PYTHONPATH=src python3 benchmarks/gpu_neurons.py /tmp/out --device cpu --preset tiny \
                          --batch 2 --seq 64 --reps 2 --warmup 2
 """
@@ -335,9 +336,57 @@ def main() -> int:
         print(f"{omit}: {v['gap_points']['step']:+.1f} points (step) / {v['gap_points']['fwd+bwd']:+.1f} points "
               f"(fwd+bwd) vs {v['ceiling']} (target ≤ {TARGET_POINTS:.0f}; ceiling measured before "
               f"{v['ceiling_measured_before']}× dense)")
-    print(f"results: {path}  ({result['wall_s']:.0f} s)")
+    png = plot_runs([result], os.path.join(args.out_dir, "gpu_neurons.png"))
+    print(f"results: {path}{f', {png}' if png else ''}  ({result['wall_s']:.0f} s)")
     return 0
 
 
+def plot_runs(results: list[dict], path: str) -> str | None:
+    """Step × dense per variant, one dot per run (process) and a bar at their median, with each omission
+    variant's narrow-model ceiling from the same runs and the combined target. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [n for n in results[0]["timing"] if n not in ("dense", "dense-again") and "nomask" not in n]
+    ratios = {n: [r["timing"][n]["ratio"]["step"] for r in results if n in r["timing"]] for n in names}
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    colors = ["tab:orange" if n.startswith("narrow") else "tab:blue" if n.startswith("omit") else "tab:green"
+              for n in names]
+    ax.bar(range(len(names)), [statistics.median(ratios[n]) for n in names], color=colors, alpha=0.55)
+    for i, n in enumerate(names):
+        ax.plot([i] * len(ratios[n]), ratios[n], "k.", ms=6)
+        ax.annotate(f"{statistics.median(ratios[n]):.3f}", (i, max(ratios[n])), ha="center", va="bottom",
+                    fontsize=8, xytext=(0, 2), textcoords="offset points")
+    for omit, ceiling in (("omit-mlp", "narrow-mlp"), ("omit-mlp+heads", "narrow-mlp+heads")):
+        if omit in names and ceiling in names:
+            c = statistics.median(ratios[ceiling])
+            i = names.index(omit)
+            ax.plot([i - 0.4, i + 0.4], [c + TARGET_POINTS / 100] * 2, "r--", lw=1)
+    if "tokens+omit-mlp+heads" in names:
+        i = names.index("tokens+omit-mlp+heads")
+        ax.plot([i - 0.4, i + 0.4], [COMBINED_TARGET] * 2, "r--", lw=1)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("training step time × dense")
+    ax.set_ylim(0, 1)
+    args = results[0]["args"]
+    ax.set_title(f"{args['preset']}, {args['batch']}×{args['seq']}, bf16, rate {args['rate']}, κ {args['keep']} — "
+                 f"{len(results)} run(s); red: targets (ceiling + 3 points, ≤ {COMBINED_TARGET})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--plot":  # re-plot committed runs: --plot OUT.png RUN.json ...
+        runs = []
+        for run_path in sys.argv[3:]:
+            with open(run_path) as f:
+                runs.append(json.load(f))
+        print(plot_runs(runs, sys.argv[2]))
+        sys.exit(0)
     sys.exit(main())

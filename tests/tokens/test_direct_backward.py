@@ -87,19 +87,25 @@ def _plan(model, channels, groups) -> OmissionPlan:
     })
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-def test_direct_with_neuron_omission_equals_replay(model_type, gen, direct_calls):
-    model = tiny_model(model_type, heads=6, kv_heads=3)
-    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
-    keep = torch.rand(2, 19, generator=gen) < 0.45
-    plan = _plan(model, channels=[0, 3, 4, 9, 31, 50, 51, 52, 79], groups=[0, 2])
+def _direct_and_replay_with_omission(model, ids, keep, *, channels, groups):
+    """Parameter gradients of the direct backward and of the replay, both under one omission plan."""
     omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=8)
-    omitter.set_plan(plan)
+    omitter.set_plan(_plan(model, channels=channels, groups=groups))
     try:
         _, grads = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=keep)
         _, replay = run_mode(model, "fast", backward="replay", input_ids=ids, labels=ids, keep_mask=keep)
     finally:
         omitter.revert()
+    return grads, replay
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_direct_with_neuron_omission_equals_replay(model_type, gen, direct_calls):
+    model = tiny_model(model_type, heads=6, kv_heads=3)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
+    keep = torch.rand(2, 19, generator=gen) < 0.45
+    grads, replay = _direct_and_replay_with_omission(model, ids, keep, channels=[0, 3, 4, 9, 31, 50, 51, 52, 79],
+                                                     groups=[0, 2])
     assert len(direct_calls) == 2
     assert max_rel_err(grads, replay) < TOL
     up = grads["model.layers.0.mlp.up_proj.weight"]
@@ -116,16 +122,11 @@ def test_direct_reuses_the_forwards_weight_slices_except_under_checkpointing(che
         model.train()
     ids = torch.randint(0, VOCAB, (2, 17), generator=gen)
     keep = torch.rand(2, 17, generator=gen) < 0.5
-    omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=8)
-    omitter.set_plan(_plan(model, channels=[2, 5, 6, 40, 41, 70, 71, 72, 78], groups=[1, 2]))
     sliced_again = []
     original = direct._sliced_weight
     monkeypatch.setattr(direct, "_sliced_weight", lambda *a: sliced_again.append(a[1]) or original(*a))
-    try:
-        _, grads = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=keep)
-        _, replay = run_mode(model, "fast", backward="replay", input_ids=ids, labels=ids, keep_mask=keep)
-    finally:
-        omitter.revert()
+    grads, replay = _direct_and_replay_with_omission(model, ids, keep, channels=[2, 5, 6, 40, 41, 70, 71, 72, 78],
+                                                     groups=[1, 2])
     assert len(direct_calls) == 2
     assert max_rel_err(grads, replay) < TOL
     assert len(sliced_again) == (2 * 7 if checkpointing else 0)

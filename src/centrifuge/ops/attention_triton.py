@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import types
 from typing import Any
 
 import torch
 
+from centrifuge.ops.triton_support import interpreting, jit_copies, triton_available
 from centrifuge.tokens.layout import TokenLayout
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -59,19 +58,6 @@ DEFAULT_CONFIGS: dict[int, dict[str, tuple[int, int, int, int]]] = {
     128: {"fwd": (128, 32, 8, 2), "dq": (64, 16, 4, 2), "dkdv": (64, 32, 4, 2), "dqf": (64, 32, 4, 2),
           "kk": (128, 32, 8, 2)},
 }
-
-
-def triton_available() -> bool:
-    """True when ``import triton`` works."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -477,23 +463,10 @@ _KERNEL_NAMES = ("_max_combine", "_sum_combine", "_fwd_inner", "_fwd", "_dq_inne
 
 
 @functools.cache
-def _kernels(interpret: bool):
-    """Decorate the kernels with ``triton.jit`` (once per interpreter mode; ``interpret`` keys the cache).
-
-    The raw functions above are plain Python so that importing this module never imports Triton and the
-    interpreter mode is read at first use; each mode gets copies whose globals hold the decorated helpers.
-    """
-    import triton
-    import triton.language as tl
-
-    ns = dict(globals())
-    ns["tl"], ns["triton"] = tl, triton
-    for name in _KERNEL_NAMES:
-        raw = globals()[name]
-        fn = types.FunctionType(raw.__code__, ns, name, raw.__defaults__, raw.__closure__)
-        fn.__qualname__, fn.__module__, fn.__annotations__ = raw.__qualname__, raw.__module__, raw.__annotations__
-        ns[name] = triton.jit(fn)
-    return {"fwd": ns["_fwd"], "dq": ns["_dq"], "dkdv": ns["_dkdv"], "dqf": ns["_dqf"], "kk": ns["_kk"]}
+def _kernels(interpret: bool) -> dict[str, Any]:
+    """The jitted kernels, once per interpreter mode (``interpret`` keys the cache; see ``triton_support``)."""
+    k = jit_copies(globals(), _KERNEL_NAMES)
+    return {"fwd": k["_fwd"], "dq": k["_dq"], "dkdv": k["_dkdv"], "dqf": k["_dqf"], "kk": k["_kk"]}
 
 
 def _precision_args(dtype: torch.dtype):
@@ -647,7 +620,7 @@ class TritonKeptAttention:
         """CUDA tensor of fp16/bf16/fp32, head dim in ``SUPPORTED_HEAD_DIMS``, contiguous segments, Triton.
 
         ``allow_interpreter``: also accept CPU tensors (fp64 too) when ``TRITON_INTERPRET=1`` (tests)."""
-        if allow_interpreter and not q.is_cuda and _interpreting():
+        if allow_interpreter and not q.is_cuda and interpreting():
             device_ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
         else:
             device_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -704,7 +677,7 @@ class TritonKeptAttention:
                           device=q.device)
         if N == 0:
             return o, lse
-        kern = _kernels(_interpreting())["fwd"]
+        kern = _kernels(interpreting())["fwd"]
         BM, BN, warps, stages = self._cfg(D, "fwd")
         cu = layout.cu_seqlens.to(device=q.device, dtype=torch.int32)
         S = cu.numel() - 1
@@ -754,7 +727,7 @@ class TritonKeptAttention:
         G = H // Hkv
         has_window, window = self._window(layout)
         prec, acc = _precision_args(q.dtype)
-        kernels = _kernels(_interpreting())
+        kernels = _kernels(interpreting())
         acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
         delta = torch.empty(M, H, dtype=acc_t, device=q.device)
         dk = torch.empty(M, Hkv, D, dtype=k.dtype, device=q.device)

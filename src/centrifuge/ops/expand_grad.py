@@ -48,12 +48,11 @@ either: the ids are never read on the host, only their shapes are checked.
 from __future__ import annotations
 
 import functools
-import types
 from typing import Any
 
 import torch
 
-from centrifuge.ops.masked_adamw import TRITON_DTYPES, _interpreting, _next_pow2, triton_available
+from centrifuge.ops.triton_support import TRITON_DTYPES, interpreting, jit_copies, next_pow2, triton_available
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
@@ -129,26 +128,14 @@ _KERNEL_NAMES = ("_expand_slice_kernel",)
 
 @functools.cache
 def _kernels(interpret: bool) -> dict[str, Any]:
-    """Decorate the kernel with ``triton.jit`` (once per interpreter mode; ``interpret`` keys the cache): a copy
-    of the plain function above whose globals hold ``tl``, so that importing this module never imports Triton
-    and the interpreter mode is read at first use."""
-    import triton
-    import triton.language as tl
-
-    ns = dict(globals())
-    ns["tl"], ns["triton"] = tl, triton
-    for name in _KERNEL_NAMES:
-        raw = globals()[name]
-        fn = types.FunctionType(raw.__code__, ns, name, raw.__defaults__, raw.__closure__)
-        fn.__qualname__, fn.__module__, fn.__annotations__ = raw.__qualname__, raw.__module__, raw.__annotations__
-        ns[name] = triton.jit(fn)
-    return {"expand": ns["_expand_slice_kernel"]}
+    """The jitted kernel, once per interpreter mode (``interpret`` keys the cache; see ``triton_support``)."""
+    return {"expand": jit_copies(globals(), _KERNEL_NAMES)["_expand_slice_kernel"]}
 
 
 def triton_supports(grad: torch.Tensor, *, allow_interpreter: bool = False) -> bool:
     """Whether ``expand_slice_triton`` can take ``grad``: CUDA (or CPU under ``TRITON_INTERPRET=1`` with
     ``allow_interpreter``), fp16 / bf16 / fp32, 1-D / 2-D, Triton importable."""
-    on_device = grad.is_cuda or (allow_interpreter and grad.device.type == "cpu" and _interpreting())
+    on_device = grad.is_cuda or (allow_interpreter and grad.device.type == "cpu" and interpreting())
     return on_device and grad.dim() in (1, 2) and grad.dtype in TRITON_DTYPES and triton_available()
 
 
@@ -156,12 +143,12 @@ def _default_block(dim: int, size: int, n: int) -> tuple[int, int]:
     """(BLOCK_L, BLOCK_N) for a [size along the list] × [n other] output, ~4096 elements per program."""
     if dim == 0:
         # rows are contiguous: wide row chunks (coalesced, 16-byte vectors), a few rows per program
-        bn = min(_next_pow2(n), 1024)
-        bl = min(_next_pow2(size), max(1, 4096 // bn))
+        bn = min(next_pow2(n), 1024)
+        bl = min(next_pow2(size), max(1, 4096 // bn))
     else:
         # columns: the list runs along the contiguous axis of grad (loads coalesced; stores scattered)
-        bl = min(_next_pow2(size), 128)
-        bn = min(_next_pow2(n), max(1, 4096 // bl))
+        bl = min(next_pow2(size), 128)
+        bn = min(next_pow2(n), max(1, 4096 // bl))
     return bl, bn
 
 
@@ -192,7 +179,7 @@ def expand_slice_triton(grad: torch.Tensor, *, dim: int, kept: torch.Tensor, dro
     # hand the kernel ``kept`` in its place
     drop = dropped if dropped.numel() else kept
     grid = (-(-size // bl), -(-n // bn))
-    _kernels(_interpreting())["expand"][grid](grad, kept, drop, out, k, size, n, sg_l, sg_n, so_l,
+    _kernels(interpreting())["expand"][grid](grad, kept, drop, out, k, size, n, sg_l, sg_n, so_l,
                                               so_n, BLOCK_L=bl, BLOCK_N=bn, num_warps=num_warps)
     return out
 

@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import types
 from typing import Any
 
 import torch
 
+from centrifuge.ops.triton_support import TRITON_DTYPES, interpreting, jit_copies, next_pow2, triton_available
+
 IMPLS = ("auto", "reference", "triton")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _scalar(x) -> float:
@@ -229,47 +228,18 @@ _KERNEL_NAMES = ("_masked_adamw_kernel", "_masked_adamw_multi_kernel")
 
 
 @functools.cache
-def _kernels(interpret: bool):
-    """Decorate the kernels with ``triton.jit`` (once per interpreter mode; ``interpret`` keys the cache): plain
-    functions above, copied with globals that hold the decorated helpers, so that importing this module never
-    imports Triton and the interpreter mode is read at first use."""
-    import triton
-    import triton.language as tl
-
-    ns = dict(globals())
-    ns["tl"], ns["triton"] = tl, triton
-    for name in (*_HELPERS, *_KERNEL_NAMES):
-        raw = globals()[name]
-        fn = types.FunctionType(raw.__code__, ns, name, raw.__defaults__, raw.__closure__)
-        fn.__qualname__, fn.__module__, fn.__annotations__ = raw.__qualname__, raw.__module__, raw.__annotations__
-        ns[name] = triton.jit(fn)
-    return {"single": ns["_masked_adamw_kernel"], "multi": ns["_masked_adamw_multi_kernel"]}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-@functools.cache
-def triton_available() -> bool:
-    """True when ``import triton`` works."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+def _kernels(interpret: bool) -> dict[str, Any]:
+    """The jitted kernels, once per interpreter mode (``interpret`` keys the cache; see ``triton_support``)."""
+    k = jit_copies(globals(), (*_HELPERS, *_KERNEL_NAMES))
+    return {"single": k["_masked_adamw_kernel"], "multi": k["_masked_adamw_multi_kernel"]}
 
 
 def triton_supports(param: torch.Tensor, *tensors: torch.Tensor, allow_interpreter: bool = False) -> bool:
     """Whether ``masked_adamw_triton_`` can take these tensors: CUDA (or CPU under ``TRITON_INTERPRET=1`` with
     ``allow_interpreter``), fp16 / bf16 / fp32, 1-D / 2-D, Triton importable."""
-    on_device = param.is_cuda or (allow_interpreter and param.device.type == "cpu" and _interpreting())
+    on_device = param.is_cuda or (allow_interpreter and param.device.type == "cpu" and interpreting())
     return (on_device and param.dim() in (1, 2) and all(t.dtype in TRITON_DTYPES for t in (param, *tensors))
             and triton_available())
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _log2(beta: float) -> float:
@@ -309,14 +279,14 @@ def masked_adamw_triton_(
         R, C = param.shape[0], 1
         strides = [s for t in tensors for s in (t.stride(0), 0)]
     if block is None:
-        bc = min(_next_pow2(C), 256)
-        br = max(1, min(_next_pow2(R), 2048 // bc))
+        bc = min(next_pow2(C), 256)
+        br = max(1, min(next_pow2(R), 2048 // bc))
     else:
         br, bc = block
     kr = param if keep_rows is None else keep_rows.view(torch.uint8) if keep_rows.dtype == torch.bool else keep_rows
     kc = param if keep_cols is None else keep_cols.view(torch.uint8) if keep_cols.dtype == torch.bool else keep_cols
     grid = (-(-R // br), -(-C // bc))
-    _kernels(_interpreting())["single"][grid](
+    _kernels(interpreting())["single"][grid](
         param, grad, exp_avg, exp_avg_sq, kr, kc, step_t, R, C, *strides,
         lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay, _log2(beta1),
         _log2(beta2), step_size, bc2_sqrt,
@@ -332,7 +302,7 @@ def _ones(device: torch.device, n: int) -> torch.Tensor:
     """A uint8 all-ones vector of at least ``n`` entries on ``device`` (kept per device, grown by doubling)."""
     t = _ONES.get(device)
     if t is None or t.numel() < n:
-        t = _ONES[device] = torch.ones(_next_pow2(n), dtype=torch.uint8, device=device)
+        t = _ONES[device] = torch.ones(next_pow2(n), dtype=torch.uint8, device=device)
     return t
 
 
@@ -410,12 +380,12 @@ def masked_adamw_multi_triton_(
     pin = device.type == "cuda"
     table = torch.tensor(ints, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
     host_t = torch.tensor(host, dtype=torch.float32, pin_memory=pin).to(device, non_blocking=True)
-    kern = _kernels(_interpreting())["multi"]
+    kern = _kernels(interpreting())["multi"]
     for key, members, first, first_host in launches:
         (R, C), on_device, contig = key[0], key[-2] is not None, key[-1]
         if block is None:
-            bc = min(_next_pow2(C), 256)
-            br = max(1, min(_next_pow2(R), 2048 // bc))
+            bc = min(next_pow2(C), 256)
+            br = max(1, min(next_pow2(R), 2048 // bc))
         else:
             br, bc = block
         p, g, m, v, _, _, step, _ = members[0]

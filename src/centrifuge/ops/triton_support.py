@@ -1,0 +1,56 @@
+"""What the Triton ops share: availability, the interpreter switch, and jitting plain functions late.
+
+Each op module writes its kernels as plain Python functions (``tl`` unbound) and asks ``jit_copies`` for
+``triton.jit`` copies on first use, cached per interpreter mode: importing an op never imports Triton, and a
+test can set ``TRITON_INTERPRET=1`` before the first kernel runs (CPU tensors then go through Triton's
+interpreter).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (read at each call: tests switch it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1): Triton block sizes."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def jit_copies(module_globals: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """``triton.jit`` copies of the plain functions ``names`` of a module (its ``globals()``), made with globals
+    in which ``tl`` / ``triton`` and each other's jitted copies resolve (so kernels can call helpers).
+    Callers cache the result per ``interpreting()`` value."""
+    import triton
+    import triton.language as tl
+
+    ns = dict(module_globals)
+    ns["tl"], ns["triton"] = tl, triton
+    for name in names:
+        raw = module_globals[name]
+        fn = types.FunctionType(raw.__code__, ns, name, raw.__defaults__, raw.__closure__)
+        fn.__qualname__, fn.__module__, fn.__annotations__ = raw.__qualname__, raw.__module__, raw.__annotations__
+        ns[name] = triton.jit(fn)
+    return {name: ns[name] for name in names}

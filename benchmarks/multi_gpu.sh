@@ -142,7 +142,7 @@ run_job() {
 }
 
 if [ "$GRADCHECK" = 1 ]; then
-  GN=${NGPUS##* }  # the largest N
+  GN=$(printf "%s\n" $NGPUS | sort -n | tail -1)  # the largest N, whatever the order of --ngpus
   run_job grad "$GRAD_SHAPE" fsdp2 "$GN" gradcheck --shape "$GRAD_SHAPE" --layers "$GRAD_LAYERS" \
     --seq "$GRAD_SEQ" --rows-per-rank "$GRAD_ROWS" --keep "$KEEP" --device "$DEVICE"
 fi

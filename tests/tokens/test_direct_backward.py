@@ -123,8 +123,8 @@ def test_direct_reuses_the_forwards_weight_slices_except_under_checkpointing(che
     ids = torch.randint(0, VOCAB, (2, 17), generator=gen)
     keep = torch.rand(2, 17, generator=gen) < 0.5
     sliced_again = []
-    original = direct._sliced_weight
-    monkeypatch.setattr(direct, "_sliced_weight", lambda *a: sliced_again.append(a[1]) or original(*a))
+    original = direct.plan_weight
+    monkeypatch.setattr(direct, "plan_weight", lambda *a: sliced_again.append(a[1]) or original(*a))
     grads, replay = _direct_and_replay_with_omission(model, ids, keep, channels=[2, 5, 6, 40, 41, 70, 71, 72, 78],
                                                      groups=[1, 2])
     assert len(direct_calls) == 2

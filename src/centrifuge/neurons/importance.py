@@ -103,11 +103,15 @@ def feature_norms(x: torch.Tensor, max_rows: int | None = None) -> tuple[torch.T
     return _norm(rows, 0), rows.shape[0]
 
 
+def rms_from_norms(norms: torch.Tensor, count: int) -> torch.Tensor:
+    """L2 norms over ``count`` values → root-mean-squares."""
+    return norms / max(count, 1) ** 0.5
+
+
 def feature_rms(x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
     """x [..., n] → [n] float32: root-mean-square of each feature over the leading (token) dimensions — over
     an evenly strided sample of at most ``max_rows`` tokens when given (``token_sample``)."""
-    norms, count = feature_norms(x, max_rows)
-    return norms / max(count, 1) ** 0.5
+    return rms_from_norms(*feature_norms(x, max_rows))
 
 
 def head_feature_norms(o: torch.Tensor, max_rows: int | None = None) -> tuple[torch.Tensor, int]:
@@ -126,7 +130,7 @@ def groups_from_feature_norms(norms: torch.Tensor, tokens: int, *, head_dim: int
     """Head-feature norms [..., h·D] over ``tokens`` tokens → [..., g] float32: per KV group, the sum over its
     heads of the head output's root-mean-square over tokens and D (batched over leading dimensions)."""
     lead = norms.shape[:-1]
-    heads = norms.square().view(*lead, -1, head_dim).sum(-1).sqrt() / max(tokens * head_dim, 1) ** 0.5
+    heads = rms_from_norms(norms.square().view(*lead, -1, head_dim).sum(-1).sqrt(), tokens * head_dim)
     return heads.view(*lead, -1, heads_per_group).sum(-1)
 
 

@@ -87,6 +87,15 @@ def sliced_weight(module: nn.Module, rows: torch.Tensor | None = None, cols: tor
     return weight, bias
 
 
+def plan_weight(module: nn.Module, name: str, plan: LayerPlan | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of the projection ``module`` called ``name`` (e.g. "gate_proj") under ``plan``: its kept
+    rows / columns with the one-pass backward (``sliced_weight``), or the whole weight when ``plan`` is None."""
+    if plan is None:
+        return module.weight, module.bias
+    (rows, cols), (dropped_rows, dropped_cols) = plan.slices(name), plan.dropped(name)
+    return sliced_weight(module, rows, cols, dropped_rows=dropped_rows, dropped_cols=dropped_cols)
+
+
 def sliced_linear(module: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None,
                   cols: torch.Tensor | None = None, *, dropped_rows: torch.Tensor | None = None,
                   dropped_cols: torch.Tensor | None = None) -> torch.Tensor:
@@ -171,23 +180,8 @@ class LayerOmission:
 
     # ---- statistics, gathered in training forwards (no autograd)
 
-    @property
-    def mlp_score(self) -> torch.Tensor | None:
-        return self._score("mlp")
-
-    @mlp_score.setter
-    def mlp_score(self, value: torch.Tensor | None) -> None:
-        self.pending.pop("mlp", None)
-        self.scores["mlp"] = value
-
-    @property
-    def group_score(self) -> torch.Tensor | None:
-        return self._score("group")
-
-    @group_score.setter
-    def group_score(self, value: torch.Tensor | None) -> None:
-        self.pending.pop("group", None)
-        self.scores["group"] = value
+    mlp_score = property(lambda self: self._score("mlp"), lambda self, value: self._set_score("mlp", value))
+    group_score = property(lambda self: self._score("group"), lambda self, value: self._set_score("group", value))
 
     def has_score(self, kind: str) -> bool:
         """Whether the ``kind`` ("mlp" / "group") score exists or a pending statistic will make it."""
@@ -197,6 +191,10 @@ class LayerOmission:
         if kind in self.pending:
             statistics.flush([self], kind)
         return self.scores[kind]
+
+    def _set_score(self, kind: str, value: torch.Tensor | None) -> None:  # replaces any pending statistic
+        self.pending.pop(kind, None)
+        self.scores[kind] = value
 
     def _defer(self, kind: str, norms: torch.Tensor, kept: torch.Tensor | None, tokens: int) -> None:
         if kind in self.pending:  # a second forward before a flush (accumulation): apply the first one first

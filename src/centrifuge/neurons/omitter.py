@@ -41,6 +41,8 @@ from centrifuge.neurons.plan import (
 
 log = logging.getLogger("centrifuge")
 _OMITTER_ATTR = "_centrifuge_omitter"
+# unit kind → (its number in the selection's random seed, its statistics kind in ``LayerOmission.scores``)
+_UNITS = {"channels": (0, "mlp"), "groups": (1, "group")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +229,7 @@ class Omitter:
                 k = kept_count(n, rate, multiple)
                 if not on or k == n:
                     continue
-                chosen, w = self._choose(step, 0 if kind == "channels" else 1, k, n)
+                chosen, w = self._choose(step, kind, k, n)
                 waiting |= w
                 for layer_ids, kept, dropped in chosen:
                     batch = PlanBatch(kind, kept, dropped, n, heads_per_group=first.heads_per_group,
@@ -251,24 +253,26 @@ class Omitter:
         gen.manual_seed((self.config.seed * 1_000_003 + step) * 4 + unit)
         return gen
 
-    def _choose(self, step: int, unit: int, k: int, n: int):
-        """Kept / dropped ids of the layers whose metric is ready, batched per device.
+    def _choose(self, step: int, kind: str, k: int, n: int):
+        """Kept / dropped ids of unit ``kind`` ("channels" / "groups") in the layers whose metric is ready,
+        batched per device.
 
         Returns ([(layer ids, kept [L, k], dropped [L, n − k]) per device], layers still waiting for
         statistics)."""
         cfg = self.config
         uniform = cfg.metric == "uniform"
-        kind = "mlp" if unit == 0 else "group"
-        ready = [(i, om) for i, om in self._layers.items() if uniform or om.has_score(kind)]
+        unit, stat = _UNITS[kind]
+        ready = [(i, om) for i, om in self._layers.items() if uniform or om.has_score(stat)]
         waiting = set(self._layers).difference(i for i, _ in ready)
         by_device: dict[torch.device, list[tuple[int, LayerOmission]]] = {}
         for i, om in ready:
             by_device.setdefault(self._device(i), []).append((i, om))
         batches = []
         for device, members in by_device.items():
+            scores = None
             if not uniform:
-                statistics.flush([om for _, om in members], kind)  # every layer's pending update at once
-            scores = None if uniform else torch.stack([om.scores[kind] for _, om in members])
+                statistics.flush([om for _, om in members], stat)  # every layer's pending update at once
+                scores = torch.stack([om.scores[stat] for _, om in members])
             kept, dropped = importance.select(
                 scores, k, method=cfg.select, temperature=cfg.temperature,
                 generator=self._generator(device, step, unit), shape=(len(members), n), device=device)

@@ -67,7 +67,7 @@ def flush(states: Sequence, kind: str) -> None:
         norms = torch.stack([p.norms for _, p, _ in members])
         head = members[0][0]
         if kind == "mlp":
-            new, total = norms / max(tokens, 1) ** 0.5, head.num_channels
+            new, total = importance.rms_from_norms(norms, tokens), head.num_channels
         else:
             new = importance.groups_from_feature_norms(norms, tokens, head_dim=head.head_dim,
                                                        heads_per_group=head.heads_per_group)

@@ -52,7 +52,14 @@ from typing import Any
 
 import torch
 
-from centrifuge.ops.triton_support import TRITON_DTYPES, interpreting, jit_copies, next_pow2, triton_available
+from centrifuge.ops.triton_support import (
+    TRITON_DTYPES,
+    interpreting,
+    jit_copies,
+    next_pow2,
+    on_triton_device,
+    triton_available,
+)
 
 _ID_DTYPES = (torch.int64, torch.int32)
 
@@ -135,7 +142,7 @@ def _kernels(interpret: bool) -> dict[str, Any]:
 def triton_supports(grad: torch.Tensor, *, allow_interpreter: bool = False) -> bool:
     """Whether ``expand_slice_triton`` can take ``grad``: CUDA (or CPU under ``TRITON_INTERPRET=1`` with
     ``allow_interpreter``), fp16 / bf16 / fp32, 1-D / 2-D, Triton importable."""
-    on_device = grad.is_cuda or (allow_interpreter and grad.device.type == "cpu" and interpreting())
+    on_device = on_triton_device(grad, allow_interpreter=allow_interpreter)
     return on_device and grad.dim() in (1, 2) and grad.dtype in TRITON_DTYPES and triton_available()
 
 

@@ -46,7 +46,14 @@ from typing import Any
 
 import torch
 
-from centrifuge.ops.triton_support import TRITON_DTYPES, interpreting, jit_copies, next_pow2, triton_available
+from centrifuge.ops.triton_support import (
+    TRITON_DTYPES,
+    interpreting,
+    jit_copies,
+    next_pow2,
+    on_triton_device,
+    triton_available,
+)
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -237,7 +244,7 @@ def _kernels(interpret: bool) -> dict[str, Any]:
 def triton_supports(param: torch.Tensor, *tensors: torch.Tensor, allow_interpreter: bool = False) -> bool:
     """Whether ``masked_adamw_triton_`` can take these tensors: CUDA (or CPU under ``TRITON_INTERPRET=1`` with
     ``allow_interpreter``), fp16 / bf16 / fp32, 1-D / 2-D, Triton importable."""
-    on_device = param.is_cuda or (allow_interpreter and param.device.type == "cpu" and interpreting())
+    on_device = on_triton_device(param, allow_interpreter=allow_interpreter)
     return (on_device and param.dim() in (1, 2) and all(t.dtype in TRITON_DTYPES for t in (param, *tensors))
             and triton_available())
 

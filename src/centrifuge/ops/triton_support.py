@@ -34,6 +34,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def on_triton_device(t: torch.Tensor, *, allow_interpreter: bool = False) -> bool:
+    """Whether a kernel can take ``t`` where it lives: CUDA, or CPU under ``TRITON_INTERPRET=1`` when the
+    caller allows the interpreter (tests)."""
+    return t.is_cuda or (allow_interpreter and t.device.type == "cpu" and interpreting())
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two ≥ n (1 for n ≤ 1): Triton block sizes."""
     return 1 << max(0, (int(n) - 1).bit_length())

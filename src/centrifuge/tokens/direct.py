@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from centrifuge.models.registry import ArchSpec
-from centrifuge.neurons.layers import full_size_grad, sliced_weight
+from centrifuge.neurons.layers import full_size_grad, plan_weight
 from centrifuge.neurons.plan import LayerPlan
 from centrifuge.ops.elementwise import (
     Eager,
@@ -71,12 +71,6 @@ def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter
         if getattr(module, "bias", None) is not None:
             out.append((f"{name}.bias", module.bias))
     return out
-
-
-def _sliced_weight(module: nn.Linear, name: str, plan: LayerPlan | None):
-    """(weight [out', in'], bias [out'] or None) under the omission plan."""
-    rows, cols = (None, None) if plan is None else plan.slices(name)
-    return sliced_weight(module, rows, cols)  # no autograd here: the complements are not needed
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
@@ -144,7 +138,7 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
     mods = _modules(layer, spec)
     cd = compute_dtype
     grads = _Grads(mods, plan, cd)
-    weights = {name: sliced[name] if sliced and name in sliced else _sliced_weight(mods[name], name, plan)
+    weights = {name: sliced[name] if sliced and name in sliced else plan_weight(mods[name], name, plan)
                for name in LINEARS}
     norm_eps = {name: mods[name].variance_epsilon for name in mods if name not in LINEARS}
 

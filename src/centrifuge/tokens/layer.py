@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from centrifuge.models.registry import ArchSpec
 from centrifuge.neurons.layers import STATE_ATTR as OMISSION_ATTR
-from centrifuge.neurons.layers import LayerOmission, sliced_weight
+from centrifuge.neurons.layers import LayerOmission, plan_weight
 from centrifuge.neurons.plan import LayerPlan
 from centrifuge.ops.attention import choose_backend
 from centrifuge.ops.elementwise import EAGER, ELEMENTWISE, Eager
@@ -219,22 +219,13 @@ class _SavedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _sliced_params(module: nn.Module, name: str, plan: LayerPlan | None):
-    """(weight, bias) of ``module`` restricted to the plan's kept rows / columns (under autograd, so the
-    full-size gradient is zero outside them)."""
-    if plan is None:
-        return module.weight, module.bias
-    (rows, cols), (dropped_rows, dropped_cols) = plan.slices(name), plan.dropped(name)
-    return sliced_weight(module, rows, cols, dropped_rows=dropped_rows, dropped_cols=dropped_cols)
-
-
 def _saved_linear(outputs: dict[str, torch.Tensor], plan: LayerPlan | None,
                   recompute: tuple[str, ...] = ()) -> Linear:
     """The replay's linear: the saved output (``_SavedLinear``), or for names in ``recompute`` (activation
     checkpointing) a real GEMM on the kept rows."""
     def linear(module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
         if type(module) is nn.Linear:
-            weight, bias = _sliced_params(module, name, plan)
+            weight, bias = plan_weight(module, name, plan)
             if name in recompute:
                 return F.linear(x, weight, bias)
             return _SavedLinear.apply(x, weight, bias, outputs.get(name))
@@ -296,7 +287,7 @@ class _TokenSparseLayer(torch.autograd.Function):
             if plan is None or type(module) is not nn.Linear:
                 out = module(inp)
             else:
-                weight, bias = _sliced_params(module, name, plan)
+                weight, bias = plan_weight(module, name, plan)
                 if sliced is not None:
                     sliced[name] = (weight, bias)
                 out = F.linear(inp, weight, bias)

@@ -10,8 +10,9 @@ of the hand-written backward, and with stock attention kernels; neuron omission;
 * ``syncs``: host-device synchronisations in one step (``torch.cuda.set_sync_debug_mode``), with the first
   few call sites.
 
-``--cprofile`` adds a cProfile of a few full-shape steps per token-sparse variant (top functions by own
-time). Results: OUT_DIR/host_overhead.json (+ cprofile_<variant>.txt).
+``--cprofile`` adds a cProfile of a few steps per variant (``--cprofile-variants``, default the token-sparse
+ones) at the full shape and at the narrow one (where every second is host time): the top functions by own
+time and by cumulative time. Results: OUT_DIR/host_overhead.json (+ cprofile_<variant>[_narrow].txt).
 
 Usage (GPU machine): PYTHONPATH=src python3 benchmarks/gpu_host_overhead.py OUT_DIR [--cprofile]
 """
@@ -19,6 +20,7 @@ Usage (GPU machine): PYTHONPATH=src python3 benchmarks/gpu_host_overhead.py OUT_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -80,12 +82,25 @@ def make_step(model, ids, variant, keep):
         omitter.protect(opt)
     counter = [0]
 
-    def step() -> None:
-        hook(counter[0])
+    def step(record=lambda name: contextlib.nullcontext()) -> list[float]:
+        """One step; returns the host seconds of its phases (plan, forward, backward, optimizer).
+        ``record(name)``: a context around each phase (``gpu_step_trace.py`` passes the profiler's)."""
+        t = [time.perf_counter()]
+        with record("plan"):
+            hook(counter[0])
         counter[0] += 1
-        model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        with record("forward"):
+            loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
+        t.append(time.perf_counter())
+        with record("backward"):
+            loss.backward()
+        t.append(time.perf_counter())
+        with record("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        return [b - a for a, b in zip(t[:-1], t[1:], strict=True)]
     return step, undo
 
 
@@ -93,16 +108,19 @@ def timed(step, *, warmup: int, reps: int) -> dict:
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    issue, total = [], []
+    issue, total, phases = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        step()
+        phases.append(step())
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         issue.append((t1 - t0) * 1e3)
         total.append((t2 - t0) * 1e3)
-    return {"issue_ms": statistics.median(issue), "step_ms": statistics.median(total)}
+    # issue time per phase (the host's own time where the GPU keeps up, as in the narrow model)
+    names = ("plan", "forward", "backward", "optimizer")
+    return {"issue_ms": statistics.median(issue), "step_ms": statistics.median(total),
+            "phase_issue_ms": {n: statistics.median(p[i] for p in phases) * 1e3 for i, n in enumerate(names)}}
 
 
 def count_syncs(step) -> dict:
@@ -120,6 +138,27 @@ def count_syncs(step) -> dict:
     return {"syncs": len(sites), "sites": sorted(set(sites))[:12]}
 
 
+def slug(variant: str) -> str:
+    return variant.replace("/", "_").replace("+", "_")
+
+
+def write_profile(step, path: str, steps: int = 3) -> None:
+    """cProfile of ``steps`` steps: the top functions by own time, then by cumulative time."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    text.write(f"{steps} steps\n")
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(50)
+    stats.sort_stats("cumulative").print_stats(90)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
@@ -128,10 +167,13 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--cprofile-variants", default=None,
+                   help="comma-separated variants to profile (default: those starting with 'tokens')")
     args = p.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     device = torch.device("cuda")
     variants = args.variants.split(",")
+    profiled = args.cprofile_variants.split(",") if args.cprofile_variants else None
     result: dict = {"torch": torch.__version__, "transformers": transformers.__version__,
                     "device": torch.cuda.get_device_name(), "args": vars(args), "variants": {}}
     t_start = time.time()
@@ -153,21 +195,13 @@ def main() -> int:
                 out = timed(step, warmup=4, reps=args.reps)
                 if size == "narrow":
                     entry["host_ms"] = out["step_ms"]
+                    entry["host_phase_ms"] = out["phase_issue_ms"]
                 else:
                     entry.update(out)
                     entry.update(count_syncs(step))
-                    if args.cprofile and variant.startswith("tokens"):
-                        prof = cProfile.Profile()
-                        prof.enable()
-                        for _ in range(3):
-                            step()
-                        torch.cuda.synchronize()
-                        prof.disable()
-                        text = io.StringIO()
-                        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
-                        name = variant.replace("/", "_").replace("+", "_")
-                        with open(os.path.join(args.out_dir, f"cprofile_{name}.txt"), "w") as f:
-                            f.write(text.getvalue())
+                if args.cprofile and (variant in profiled if profiled else variant.startswith("tokens")):
+                    suffix = "_narrow" if size == "narrow" else ""
+                    write_profile(step, os.path.join(args.out_dir, f"cprofile_{slug(variant)}{suffix}.txt"))
                 undo()
             except Exception:  # keep going: one variant's failure should not lose the others
                 entry[f"error_{size}"] = traceback.format_exc()[-2000:]

@@ -71,9 +71,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             tgt = targets[rows]
+            # no skipping of all-ignored chunks: asking would synchronise host and GPU once per chunk, and the
+            # training step's backward starts here — the host could not queue the layers' backward ahead
             scale = torch.where(tgt != IGNORE_INDEX, grad_losses[rows].to(acc), 0.0)
-            if not bool((scale != 0).any()):
-                continue
             logits = F.linear(hidden[rows], weight, bias).to(acc)
             dlogits = torch.exp(logits - lse_all[rows, None])
             dlogits.scatter_add_(1, tgt.clamp_min(0)[:, None], -torch.ones_like(dlogits[:, :1]))

@@ -151,7 +151,7 @@ def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, tok
     num_counted = counted.sum()
     denom = num_items_in_batch if num_items_in_batch is not None else num_counted
     keep_mask = torch.zeros(batch.B * batch.T, dtype=torch.bool, device=counted.device)
-    keep_mask[keep_rows] = True
+    keep_mask.index_fill_(0, keep_rows, True)  # (not ``[rows] = True``: that copies a host scalar, a sync)
     return TokenFilterOutput(
         loss=loss_sum / denom, loss_sum=loss_sum, num_counted=num_counted,
         num_labelled=batch.labelled.sum(), keep_mask=keep_mask.view(batch.B, batch.T),

@@ -62,10 +62,11 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
         attention: attention backend of the fast path: "auto" (on CUDA the dense model's own SDPA kernels
             for plain causal rows, else FlashAttention varlen; the math path on the CPU), or one of
             ``centrifuge.ops.attention.BACKENDS`` by name ("math", "flash", "sdpa", ...).
-        compile: fast mode: run RMSNorm, RoPE and SwiGLU of the token-sparse layers through
-            ``torch.compile`` (``centrifuge.ops.elementwise``; one graph for every kept count, no graph
-            breaks). The GEMMs and attention are already single kernels and stay as they are. None (the
-            default): compiled for CUDA inputs, eager on the CPU.
+        compile: fast mode: run RMSNorm, RoPE and SwiGLU of the token-sparse layers as fused kernels
+            (``centrifuge.ops.elementwise``: hand-written Triton kernels where no autograd is recorded,
+            ``torch.compile`` elsewhere — one graph for every kept count, no graph breaks). The GEMMs and
+            attention are already single kernels and stay as they are. None (the default): fused for CUDA
+            inputs, eager on the CPU.
         backward: fast mode: "auto" (the default) computes each layer's kept-rows backward with explicit
             formulas (``centrifuge.tokens.direct``) where the layer allows it — plain ``nn.Linear``
             projections, RMSNorm, SiLU, no autocast — and replays a small autograd graph elsewhere (PEFT

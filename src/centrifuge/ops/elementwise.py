@@ -2,10 +2,13 @@
 
 The token-sparse layer (``centrifuge.tokens.layer``) runs these twice: on all rows in the forward, and again
 under autograd on the kept rows in the backward's replay. Eagerly, each is a handful of small kernels plus
-autograd bookkeeping per call — on a GPU a visible part of the step once the GEMMs have shrunk. ``COMPILED``
-runs the same formulas through ``torch.compile`` (``fullgraph=True``: no graph breaks by construction;
-``dynamic=True``: one graph for every row count, so varying kept counts do not recompile), so forward and
-backward of each piece become a few fused kernels.
+autograd bookkeeping per call — on a GPU a visible part of the step once the GEMMs have shrunk.
+``ELEMENTWISE["compiled"]`` runs each as one fused kernel: where no autograd is recorded (the layer's forward
+and its hand-written backward) a hand-written Triton kernel (``ops.elementwise_triton``, CUDA), since the
+step is host-bound there and a launch costs 20–55 µs of host time against 70–240 µs for a dynamic-shape
+``torch.compile`` call; elsewhere (the autograd replay, the CPU) ``torch.compile`` (``fullgraph=True``: no
+graph breaks by construction; ``dynamic=True``: one graph for every row count, so varying kept counts do
+not recompile).
 
 Both follow the Hugging Face Llama-family modules exactly (RMSNorm computes in float32 and multiplies the
 weight in the input dtype; RoPE rotates halves); modules of another kind fall back to calling the module.
@@ -24,6 +27,8 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from centrifuge.ops import elementwise_triton
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,8 +65,10 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """Backward of ``rms_norm``: grad, x [R, ..., d] → (dx [like x], dweight [d] in grad's opmath dtype)."""
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      add: torch.Tensor | None = None):
+    """Backward of ``rms_norm``: grad, x [R, ..., d] → (dx [like x], dweight [d] in grad's opmath dtype).
+    ``add`` (like x): a gradient added to dx (the residual branch's, saving the caller one kernel)."""
     h = x.to(torch.float32)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     normed = h * r
@@ -70,7 +77,8 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dn = (grad * weight).to(x.dtype).to(torch.float32)
     d_var = -0.5 * (dn * h).sum(-1, keepdim=True) * r.pow(3)
     dh = dn * r + (d_var.expand_as(h) / h.shape[-1]) * (2 * h)
-    return dh.to(x.dtype), dweight
+    dx = dh.to(x.dtype)
+    return (dx if add is None else dx + add), dweight
 
 
 def _rotate_half_t(x: torch.Tensor) -> torch.Tensor:
@@ -171,26 +179,58 @@ def _compiled(fn):
     return call
 
 
+def _no_autograd(tensors) -> bool:
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def _triton_takes(args) -> bool:
+    """Whether ``elementwise_triton`` takes ``args``: no autograd recording (the kernels have no backward),
+    tensors the kernels support, and one dtype throughout. Mixed dtypes (autocast: bf16 activations, fp32
+    norm weights and rotary tables) go through torch.compile: the kernels follow the promotions (tested in
+    the interpreter), but on the GPU only the one-dtype case is checked against the formulas."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    dtypes = {t.dtype for t in tensors} | {a for a in args if isinstance(a, torch.dtype)}
+    return len(dtypes) == 1 and _no_autograd(tensors) and elementwise_triton.supported(*tensors)
+
+
+@functools.cache
+def _fused(f):
+    """Formula ``f`` run by its Triton kernel where ``_triton_takes`` says so, else through torch.compile."""
+    triton_f = getattr(elementwise_triton, f.__name__)
+    compiled_f = _compiled(f)
+
+    def call(*args):
+        return triton_f(*args) if _triton_takes(args) else compiled_f(*args)
+
+    return call
+
+
 class Compiled(Eager):
-    """The same formulas through ``torch.compile`` (compiled lazily, once per process)."""
+    """The same formulas as fused kernels: without autograd recording (the token-sparse layer's forward and
+    hand-written backward) on CUDA, hand-written Triton kernels (``ops.elementwise_triton``: 20–55 µs of host
+    time a call against 70–240 µs for a dynamic-shape ``torch.compile`` call, and this step is host-bound);
+    elsewhere (the autograd replay, CPU) through ``torch.compile`` (compiled lazily, once per process)."""
 
     name = "compiled"
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not is_rms_norm(module):
             return module(x)
-        return _compiled(rms_norm)(x, module.weight, module.variance_epsilon)
+        return _fused(rms_norm)(x, module.weight, module.variance_epsilon)
 
     def rope(self, spec, q, k, cos, sin):
-        return _compiled(rope)(q, k, cos, sin)
+        return _fused(rope)(q, k, cos, sin)
 
     def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if not is_silu(mlp):
             return mlp.act_fn(gate) * up
-        return _compiled(swiglu)(gate, up)
+        return _fused(swiglu)(gate, up)
 
     def fn(self, f):
-        return _compiled(f)
+        return _fused(f) if f in _FORMULAS else _compiled(f)
+
+
+_FORMULAS = (rms_norm, rope, swiglu, rms_norm_backward, rope_backward, swiglu_backward)
 
 
 EAGER = Eager()

@@ -55,22 +55,37 @@ def _modules(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
     return out
 
 
-def supports(layer: nn.Module, spec: ArchSpec) -> bool:
-    """Whether ``backward`` computes this layer's gradients (else the replay does)."""
-    mods = _modules(layer, spec)
+def _supported(layer: nn.Module, mods: dict[str, nn.Module]) -> bool:
     return (all(type(mods[name]) is nn.Linear for name in LINEARS)
             and all(is_rms_norm(m) for name, m in mods.items() if name not in LINEARS)
             and is_silu(layer.mlp))
 
 
-def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter]]:
-    """The layer's parameters in the order ``backward`` returns their gradients: ("<module>.weight", p), ..."""
+def _parameters(mods: dict[str, nn.Module]) -> list[tuple[str, nn.Parameter]]:
     out = []
-    for name, module in _modules(layer, spec).items():
+    for name, module in mods.items():
         out.append((f"{name}.weight", module.weight))
         if getattr(module, "bias", None) is not None:
             out.append((f"{name}.bias", module.bias))
     return out
+
+
+def supports(layer: nn.Module, spec: ArchSpec) -> bool:
+    """Whether ``backward`` computes this layer's gradients (else the replay does)."""
+    return _supported(layer, _modules(layer, spec))
+
+
+def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter]]:
+    """The layer's parameters in the order ``backward`` returns their gradients: ("<module>.weight", p), ..."""
+    return _parameters(_modules(layer, spec))
+
+
+def prepare(layer: nn.Module, spec: ArchSpec) -> tuple[dict[str, nn.Module], list[tuple[str, nn.Parameter]]] | None:
+    """(the layer's modules by name, ``parameters``) when ``backward`` supports the layer, else None — one
+    module walk per layer call, kept by the token-sparse layer for its backward (host time: the walk and the
+    checks cost ~40 µs a layer on a GPU host, where the step waits on the host)."""
+    mods = _modules(layer, spec)
+    return (mods, _parameters(mods)) if _supported(layer, mods) else None
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.Tensor:
@@ -116,7 +131,8 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
              saved: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
              attention_backward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
              ops: Eager, params: list[tuple[str, nn.Parameter]], compute_dtype: torch.dtype | None = None,
-             sliced: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None):
+             sliced: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+             mods: dict[str, nn.Module] | None = None):
     """Gradients of one decoder layer on its M kept rows.
 
     Args:
@@ -127,7 +143,7 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
         cos, sin: [M, D] rotary tables of the kept rows.
         attention_backward: do [M, H', D] → dq [M, H', D], dk, dv [M, Hkv', D] (kept keys).
         ops: ``ELEMENTWISE[...]`` — eager or compiled element-wise formulas.
-        params: ``parameters(layer, spec)``.
+        params: ``parameters(layer, spec)``; mods: the layer's modules (``prepare``), or None to look them up.
         compute_dtype: the forward's autocast dtype (GEMMs in it, as autocast's linear), or None.
         sliced: name → (weight, bias) the forward sliced under ``plan`` (kept: no second slicing here), or
             None to slice again.
@@ -135,7 +151,7 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
     Returns:
         (dx [M, d], gradients of ``params`` in order, full-sized; None for frozen ones).
     """
-    mods = _modules(layer, spec)
+    mods = mods if mods is not None else _modules(layer, spec)
     cd = compute_dtype
     grads = _Grads(mods, plan, cd)
     weights = {name: sliced[name] if sliced and name in sliced else plan_weight(mods[name], name, plan)
@@ -172,9 +188,8 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
     dn2 = dx_of("gate_proj", dgate, n2) + dx_of("up_proj", dup, n2)
     del dgate, dup, gate, up
     dh, dnorm = ops.fn(rms_norm_backward)(dn2, h, mods["post_attention_layernorm"].weight,
-                                          norm_eps["post_attention_layernorm"])
+                                          norm_eps["post_attention_layernorm"], dy)  # + dy: the residual
     grads.norm("post_attention_layernorm", dnorm)
-    dh = dh + dy
     del dn2, h, n2
 
     # ---- attention: h = x + o_proj(attn(rope(q), rope(k), v)), q / k / v = proj(norm1(x))
@@ -203,6 +218,7 @@ def backward(dy: torch.Tensor, *, layer: nn.Module, spec: ArchSpec, plan: LayerP
     grads.linear("v_proj", dv, n1)
     dn1 = dx_of("q_proj", dq, n1) + dx_of("k_proj", dk, n1) + dx_of("v_proj", dv, n1)
     del dq, dk, dv
-    dx, dnorm = ops.fn(rms_norm_backward)(dn1, x, mods["input_layernorm"].weight, norm_eps["input_layernorm"])
+    dx, dnorm = ops.fn(rms_norm_backward)(dn1, x, mods["input_layernorm"].weight, norm_eps["input_layernorm"],
+                                          dh)  # + dh: the residual
     grads.norm("input_layernorm", dnorm)
-    return dx + dh, grads.ordered(params)
+    return dx, grads.ordered(params)

@@ -261,15 +261,17 @@ def _autocast_state(device_type: str):
 
 
 class _TokenSparseLayer(torch.autograd.Function):
-    """forward(x, layer, spec, step, layer_idx, direct, *params): ``direct`` = the hand-written backward
-    (``centrifuge.tokens.direct``), which returns the gradients of ``params`` (the layer's parameters, in
-    ``direct.parameters`` order); otherwise ``params`` is empty and the replay accumulates them itself."""
+    """forward(x, layer, spec, step, layer_idx, prepared, *params): ``prepared`` = ``direct.prepare``'s
+    (modules, parameters) for the hand-written backward (``centrifuge.tokens.direct``), which returns the
+    gradients of ``params`` (the layer's parameters, in ``direct.parameters`` order); None = the replay, with
+    ``params`` empty (it accumulates them itself)."""
 
     @staticmethod
-    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layer_idx: int, use_direct: bool, *params):
+    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layer_idx: int, prepared, *params):
         device_type = x.device.type
+        use_direct = prepared is not None
         ctx.autocast = _autocast_state(device_type)
-        ctx.direct = use_direct
+        ctx.direct = prepared
         ctx.num_params = len(params)
         outputs: dict[str, torch.Tensor] = {}
         inputs: dict[str, torch.Tensor] = {}
@@ -357,14 +359,15 @@ class _TokenSparseLayer(torch.autograd.Function):
 
         dy = dense_rows(grad_y, keep)
         layer, spec = ctx.layer, ctx.spec
-        if ctx.direct:
+        if ctx.direct is not None:
+            mods, params = ctx.direct
             with torch.autocast(dy.device.type, enabled=False):  # it casts for itself, to ctx.autocast
                 dx, param_grads = direct.backward(
                     dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=step.kept_rope()[0],
                     sin=step.kept_rope()[1], attention_backward=attention_backward,
-                    ops=ELEMENTWISE[step.elementwise], params=direct.parameters(layer, spec),
-                    compute_dtype=ctx.autocast, sliced=ctx.sliced)
-            ctx.sliced = None
+                    ops=ELEMENTWISE[step.elementwise], params=params, compute_dtype=ctx.autocast,
+                    sliced=ctx.sliced, mods=mods)
+            ctx.sliced = ctx.direct = None
             return sparse_rows(dx, keep, grad_y.shape[0]), None, None, None, None, None, *param_grads
         device_type = dy.device.type
         autocast = (torch.autocast(device_type, dtype=ctx.autocast) if ctx.autocast is not None
@@ -387,8 +390,8 @@ def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: 
 
     The backward is the hand-written one (``centrifuge.tokens.direct``) where it applies and ``step.backward``
     allows it, else the autograd replay."""
-    use_direct = step.backward != "replay" and direct.supports(layer, spec)
-    params = [p for _, p in direct.parameters(layer, spec)] if use_direct else []
-    return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx, use_direct, *params)
+    prepared = direct.prepare(layer, spec) if step.backward != "replay" else None
+    params = [p for _, p in prepared[1]] if prepared is not None else []
+    return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx, prepared, *params)
 
 

@@ -289,6 +289,135 @@ def test_forward_through_sdpa_kernel_plumbing(dtype):
         TritonKeptAttention(sdpa_forward="cudnn-ish")
 
 
+# ------------------------------------------------------------------------------------------------------
+# Hybrid backward (one plain causal row): kept × kept pairs through a dense causal backward, given the full
+# forward's o and lse, + ``_dqf`` for kept queries × filtered keys. On the CPU the dense backward is PyTorch's
+# CPU flash kernel ("flash_cpu", same contract as cuDNN's) and ``_dqf`` runs in the interpreter.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _hybrid_keep(kind: str, layout, gen) -> torch.Tensor:
+    if kind == "odd":  # first and last rows, a pair of neighbours: odd count, tile edges
+        N = layout.num_rows
+        return torch.tensor([0, 5, 6, 17, 31, N - 1], device=DEVICE)
+    return make_keep(kind, layout, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("keep_kind", ["empty", "full", "contiguous", "scattered", "odd"])
+@pytest.mark.parametrize("H,Hkv,D", [(4, 1, 16), (3, 3, 32), (4, 2, 16)])
+def test_hybrid_backward_cpu_flash(dtype, keep_kind, H, Hkv, D):
+    if _CUDA:
+        pytest.skip("the CPU flash kernel needs CPU tensors; the gpu tests check cuDNN")
+    gen = torch.Generator().manual_seed(21)
+    layout = make_layout("plain", 1, 53, gen)  # 53: not a multiple of any tile
+    keep = _hybrid_keep(keep_kind, layout, gen)
+    q, k, v = inputs(layout.num_rows, H, Hkv, D, dtype, gen)
+    scale = D ** -0.5
+    o, lse = MATH.forward(q, k, v, layout, scale)
+    M = keep.numel()
+    do = torch.randn(M, H, D, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o, aux=lse, keep=keep, layout=layout, scale=scale,
+                             queries_compact=False)
+    for configs in (SMALL, MIXED):
+        tri = TritonKeptAttention(configs, kept_backward="flash_cpu")
+        got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout,
+                                scale=scale, queries_compact=True)
+        if M:
+            assert tri.last_backward == "flash_cpu", attention_triton.kept_backward_status()
+        for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            assert g.shape == r.shape and g.dtype == dtype, name
+            if M:
+                assert rel(g, r) < TOL[dtype], (name, rel(g, r))
+
+
+def test_hybrid_backward_padded_rows(monkeypatch):
+    """Past EXACT_SIZES distinct kept counts the dense call runs on zero-padded rows (rounded up): same
+    gradients."""
+    if _CUDA:
+        pytest.skip("CPU flash kernel; test_gpu_hybrid_padded_rows covers cuDNN")
+    dtype = DTYPES[0]
+    monkeypatch.setattr(attention_triton, "EXACT_SIZES", 0)
+    monkeypatch.setattr(attention_triton, "ROUND_ROWS", 16)
+    monkeypatch.setattr(attention_triton, "_DENSE_ROWS", {})
+    calls = []
+    inner = attention_triton._kept_pairs_backward
+
+    def spy(impl, do_k, q, k_k, v_k, o, lse, rows, scale):
+        calls.append((q.shape[0], rows))
+        return inner(impl, do_k, q, k_k, v_k, o, lse, rows, scale)
+
+    monkeypatch.setattr(attention_triton, "_kept_pairs_backward", spy)
+    gen = torch.Generator().manual_seed(22)
+    layout = make_layout("plain", 1, 61, gen)
+    q, k, v = inputs(61, 4, 2, 16, dtype, gen)
+    o, lse = MATH.forward(q, k, v, layout, 0.25)
+    tri = TritonKeptAttention(SMALL, kept_backward="flash_cpu")
+    for keep_kind in ("scattered", "contiguous", "full"):
+        keep = make_keep(keep_kind, layout, gen)
+        do = torch.randn(keep.numel(), 4, 16, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+        calls.clear()
+        got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout,
+                                scale=0.25, queries_compact=True)
+        ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o, aux=lse, keep=keep, layout=layout, scale=0.25,
+                                 queries_compact=False)
+        M = keep.numel()
+        assert tri.last_backward == "flash_cpu"
+        assert calls == [(M, -(-M // 16) * 16)]
+        for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            assert rel(g, r) < TOL[dtype], name
+
+
+def test_hybrid_backward_self_check_rejects_wrong_gradients(monkeypatch):
+    """A dense backward that misreads its inputs (here: dK off by 1 %) fails the one-time self-check: never
+    used silently ("auto" falls back to the Triton kernels; an explicit impl raises)."""
+    if _CUDA:
+        pytest.skip("CPU flash kernel")
+    monkeypatch.setattr(attention_triton, "_KEPT_STATUS", {})
+    inner = attention_triton._kept_pairs_backward
+
+    def broken(*args, **kwargs):
+        dq, dk, dv = inner(*args, **kwargs)
+        return dq, dk * 1.01, dv
+
+    monkeypatch.setattr(attention_triton, "_kept_pairs_backward", broken)
+    gen = torch.Generator().manual_seed(23)
+    layout = make_layout("plain", 1, 40, gen)
+    dtype = DTYPES[0]
+    q, k, v = inputs(40, 2, 1, 16, dtype, gen)
+    o, lse = MATH.forward(q, k, v, layout, 0.25)
+    keep = make_keep("scattered", layout, gen)
+    do = torch.randn(keep.numel(), 2, 16, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    tri = TritonKeptAttention(SMALL, kept_backward="flash_cpu")
+    with pytest.raises(RuntimeError, match="self-check failed"):
+        tri.backward_kept(do, q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout, scale=0.25,
+                          queries_compact=True)
+    status = attention_triton.kept_backward_status()
+    assert status[("flash_cpu", "cpu", dtype, 2, 1, 16)].startswith("self-check failed")
+
+
+def test_hybrid_backward_only_on_one_plain_row():
+    """Several rows, packed documents, padding or a window: the Triton kernels, whatever was asked."""
+    dtype = DTYPES[0]
+    gen = torch.Generator().manual_seed(24)
+    for kind, B, window in (("plain", 2, None), ("packed", 1, None), ("padded", 2, None), ("plain", 1, 7)):
+        layout = make_layout(kind, B, 37, gen, window)
+        keep = make_keep("scattered", layout, gen)
+        q, k, v = inputs(layout.num_rows, 2, 1, 16, dtype, gen)
+        o, lse = MATH.forward(q, k, v, layout, 0.25)
+        do = torch.randn(keep.numel(), 2, 16, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+        tri = TritonKeptAttention(SMALL, kept_backward="flash_cpu")
+        got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout,
+                                scale=0.25, queries_compact=True)
+        ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o, aux=lse, keep=keep, layout=layout, scale=0.25,
+                                 queries_compact=False)
+        assert tri.last_backward == "triton", kind
+        for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            assert rel(g, r) < TOL[dtype], (kind, name)
+    with pytest.raises(ValueError):
+        TritonKeptAttention(kept_backward="cudnn-ish")
+
+
 def test_backend_registration_and_choice():
     gen = torch.Generator().manual_seed(0)
     layout = make_layout("plain", 1, 8, gen)
@@ -472,3 +601,72 @@ def test_gpu_sdpa_forward_matches_triton_forward(impl, H, Hkv, D):
     for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
         err = rel(g, r)
         assert err < BF16_TOL, (name, err)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,Hkv,D", [(32, 4, 64), (16, 16, 128), (8, 2, 128), (4, 4, 32)])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_hybrid_backward_vs_math(dtype, H, Hkv, D, overlap):
+    """One plain causal row in bf16 / fp16: the cuDNN hybrid passes its self-check here (fails, with the reason,
+    if it does not) and its kept-row gradients match the math backend."""
+    layout, q, k, v, keep = _gpu_case(1, 1900, H, Hkv, D, dtype, seed=H + D)
+    scale = D ** -0.5
+    o, lse = MATH.forward(q, k, v, layout, scale)
+    do = torch.randn(keep.numel(), H, D, device=DEVICE, dtype=dtype)
+    tri = TritonKeptAttention(kept_backward="cudnn")  # "auto" would take version 1 below HYBRID_MIN_ROWS
+    tri.overlap_dqf = overlap
+    got = tri.backward_kept(do, q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout,
+                            scale=scale, queries_compact=True)
+    assert tri.last_backward == "cudnn", attention_triton.kept_backward_status()
+    ref = MATH.backward_kept(do, q=q, k=k, v=v, o=o, aux=lse, keep=keep, layout=layout, scale=scale,
+                             queries_compact=False)
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+        assert g.dtype == dtype and g.shape == r.shape
+        err = rel(g, r)
+        assert err < BF16_TOL, (name, err)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_hybrid_padded_rows_and_edge_keeps(monkeypatch):
+    """Zero-padded dense rows (past EXACT_SIZES distinct counts), all rows kept, one row kept: same gradients
+    as the version-1 kernels."""
+    monkeypatch.setattr(attention_triton, "EXACT_SIZES", 0)
+    monkeypatch.setattr(attention_triton, "_DENSE_ROWS", {})
+    layout, q, k, v, _ = _gpu_case(1, 3001, 32, 4, 64, torch.bfloat16, seed=5)
+    scale = 0.125
+    o, lse = TritonKeptAttention().forward(q, k, v, layout, scale)
+    gen = torch.Generator().manual_seed(6)
+    for keep in (torch.nonzero(torch.rand(3001, generator=gen) < 0.37).flatten().to(DEVICE),
+                 torch.arange(3001, device=DEVICE), torch.tensor([1234], device=DEVICE)):
+        do = torch.randn(keep.numel(), 32, 64, device=DEVICE, dtype=torch.bfloat16)
+        args = dict(q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout, scale=scale,
+                    queries_compact=True)
+        hyb = TritonKeptAttention(kept_backward="cudnn")
+        got = hyb.backward_kept(do, **args)
+        assert hyb.last_backward == "cudnn", attention_triton.kept_backward_status()
+        ref = TritonKeptAttention(kept_backward="off").backward_kept(do, **args)
+        for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            err = rel(g, r)
+            assert err < 1e-2, (keep.numel(), name, err)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_auto_backward_takes_hybrid_from_min_rows():
+    """"auto": version 1 below HYBRID_MIN_ROWS kept rows, the cuDNN hybrid from there on (same gradients)."""
+    for T, expect in ((1900, "triton"), (2 * attention_triton.HYBRID_MIN_ROWS + 500, "cudnn")):
+        layout, q, k, v, keep = _gpu_case(1, T, 32, 4, 64, torch.bfloat16, seed=T)
+        o, lse = TritonKeptAttention().forward(q, k, v, layout, 0.125)
+        do = torch.randn(keep.numel(), 32, 64, device=DEVICE, dtype=torch.bfloat16)
+        args = dict(q=q[keep], k=k, v=v, o=o[keep], aux=lse[keep], keep=keep, layout=layout, scale=0.125,
+                    queries_compact=True)
+        tri = TritonKeptAttention()
+        got = tri.backward_kept(do, **args)
+        assert tri.last_backward == expect, (T, keep.numel(), attention_triton.kept_backward_status())
+        ref = TritonKeptAttention(kept_backward="off").backward_kept(do, **args)
+        for name, g, r in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            err = rel(g, r)
+            assert err < 1e-2, (T, name, err)

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from centrifuge.ops.triton_support import interpreting, jit_copies, triton_available
+from centrifuge.ops.triton_support import interpreting, jit_copies, tl_accumulator, triton_available
 from centrifuge.tokens.layout import TokenLayout
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -481,14 +481,9 @@ def _kernels(interpret: bool) -> dict[str, Any]:
 
 
 def _precision_args(dtype: torch.dtype):
-    """(PREC, ACC) constexprs: full-precision dots for fp32/fp64 inputs, fp32 accumulation otherwise."""
-    import triton.language as tl
-
-    if dtype == torch.float64:
-        return "ieee", tl.float64
-    if dtype == torch.float32:
-        return "ieee", tl.float32
-    return "tf32", tl.float32  # 16-bit operands: the precision flag only matters for fp32 operands
+    """(PREC, ACC) constexprs: full-precision dots for fp32/fp64 inputs (the flag only matters for fp32
+    operands), and the accumulator (fp64 for fp64, else fp32)."""
+    return ("ieee" if dtype in (torch.float32, torch.float64) else "tf32"), tl_accumulator(dtype)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -552,16 +547,24 @@ def sdpa_forward_status() -> dict[tuple, str]:
 def _sdpa_self_check(impl: str, device: torch.device, dtype: torch.dtype, H: int, Hkv: int, D: int) -> str:
     """Run ``impl`` once on a small random problem against an fp32 reference: "ok" or the reason it failed
     (an exception, or o / lse off: a wrong lse would give wrong gradients without an error)."""
+    return _cached_check(_SDPA_STATUS, _sdpa_check_once, impl, device, dtype, H, Hkv, D)
+
+
+def _cached_check(cache: dict[tuple, str], check_once, impl: str, device: torch.device, dtype: torch.dtype,
+                  H: int, Hkv: int, D: int) -> str:
+    """``check_once(impl, device, dtype, H, Hkv, D)`` run once per key (no grad, no autocast) and its verdict
+    cached in ``cache``: "ok", what it reported, or the exception it raised (not available in this build /
+    for these shapes). Never during a CUDA graph capture (not cached then: checked on a later call)."""
     key = (impl, str(device), dtype, H, Hkv, D)
-    if key not in _SDPA_STATUS:
+    if key not in cache:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return "not checked yet (CUDA graph capture in progress)"  # not cached: checked on a later call
+            return "not checked yet (CUDA graph capture in progress)"
         try:
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                _SDPA_STATUS[key] = _sdpa_check_once(impl, device, dtype, H, Hkv, D)
-        except Exception as e:  # not available in this build / for these shapes
-            _SDPA_STATUS[key] = f"{type(e).__name__}: {str(e)[:300]}"
-    return _SDPA_STATUS[key]
+                cache[key] = check_once(impl, device, dtype, H, Hkv, D)
+        except Exception as e:
+            cache[key] = f"{type(e).__name__}: {str(e)[:300]}"
+    return cache[key]
 
 
 def _sdpa_check_once(impl: str, device: torch.device, dtype: torch.dtype, H: int, Hkv: int, D: int) -> str:
@@ -736,16 +739,7 @@ def _kept_backward_self_check(impl: str, device: torch.device, dtype: torch.dtyp
     """Run the hybrid backward with ``impl`` once on small random problems against a float64 reference: "ok"
     or why not (an exception, or gradients off: a build that misreads the log-sum-exp would give wrong
     gradients without an error)."""
-    key = (impl, str(device), dtype, H, Hkv, D)
-    if key not in _KEPT_STATUS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return "not checked yet (CUDA graph capture in progress)"  # not cached: checked on a later call
-        try:
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                _KEPT_STATUS[key] = _kept_check_once(impl, device, dtype, H, Hkv, D)
-        except Exception as e:  # not available in this build / for these shapes
-            _KEPT_STATUS[key] = f"{type(e).__name__}: {str(e)[:300]}"
-    return _KEPT_STATUS[key]
+    return _cached_check(_KEPT_STATUS, _kept_check_once, impl, device, dtype, H, Hkv, D)
 
 
 def _kept_check_once(impl: str, device: torch.device, dtype: torch.dtype, H: int, Hkv: int, D: int) -> str:

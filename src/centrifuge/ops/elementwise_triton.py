@@ -26,7 +26,14 @@ from typing import Any
 
 import torch
 
-from centrifuge.ops.triton_support import interpreting, jit_copies, next_pow2, triton_available
+from centrifuge.ops.triton_support import (
+    interpreting,
+    jit_copies,
+    next_pow2,
+    tl_accumulator,
+    tl_dtype,
+    triton_available,
+)
 
 tl: Any = None  # triton.language, bound in the kernels' namespace by ``jit_copies``
 
@@ -187,19 +194,6 @@ def supported(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _tl_dtype(dtype: torch.dtype):
-    import triton.language as tl_
-
-    return {torch.float16: tl_.float16, torch.bfloat16: tl_.bfloat16, torch.float32: tl_.float32,
-            torch.float64: tl_.float64}[dtype]
-
-
-def _acc(dtype: torch.dtype):
-    import triton.language as tl_
-
-    return tl_.float64 if dtype == torch.float64 else tl_.float32
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., d] as a 2-D [R, d] view (a copy only if the rows cannot be viewed so)."""
     return t.reshape(-1, t.shape[-1])
@@ -212,7 +206,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(R, d, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if R:
         _kernels()["_rms_fwd"][(R,)](x2, weight, y, d, float(eps), x2.stride(0), y.stride(0),
-                                     ACC=_acc(y.dtype), BLOCK_D=next_pow2(d))
+                                     ACC=tl_accumulator(y.dtype), BLOCK_D=next_pow2(d))
     return y.view(x.shape)
 
 
@@ -237,8 +231,8 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     P = -(-R // rows_per_prog)
     partial = torch.empty(P, d, dtype=acc, device=x.device)
     _kernels()["_rms_bwd"][(P,)](g2, x2, weight, a2, dx, partial, R, d, float(eps), rows_per_prog, g2.stride(0),
-                                 x2.stride(0), a2.stride(0), dx.stride(0), ACC=_acc(grad.dtype),
-                                 GW_T=_tl_dtype(torch.promote_types(grad.dtype, weight.dtype)),
+                                 x2.stride(0), a2.stride(0), dx.stride(0), ACC=tl_accumulator(grad.dtype),
+                                 GW_T=tl_dtype(torch.promote_types(grad.dtype, weight.dtype)),
                                  HAS_ADD=add is not None, BLOCK_D=next_pow2(d))
     return dx.view(x.shape), partial.sum(0)
 
@@ -256,7 +250,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _kernels()["_swiglu_fwd"][(-(-n // _BLOCK),)](gate, up, y, n, ACC=_acc(gate.dtype), BLOCK=_BLOCK)
+        _kernels()["_swiglu_fwd"][(-(-n // _BLOCK),)](gate, up, y, n, ACC=tl_accumulator(gate.dtype), BLOCK=_BLOCK)
     return y
 
 
@@ -266,7 +260,7 @@ def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _kernels()["_swiglu_bwd"][(-(-n // _BLOCK),)](grad, gate, up, dg, du, n, ACC=_acc(gate.dtype),
+        _kernels()["_swiglu_bwd"][(-(-n // _BLOCK),)](grad, gate, up, dg, du, n, ACC=tl_accumulator(gate.dtype),
                                                       BLOCK=_BLOCK)
     return dg, du
 
@@ -285,8 +279,8 @@ def _rope_launch(q, k, cos, sin, q_out_dtype, k_out_dtype, q_prod, k_prod, backw
         _kernels()["_rope"][(R,)](
             q, k, qo, ko, cos, sin, H, Hkv, half, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos.stride(0),
-            ACC=_acc(torch.promote_types(q.dtype, cos.dtype)), BACKWARD=backward,
-            QPROD_T=_tl_dtype(q_prod), KPROD_T=_tl_dtype(k_prod), BLOCK_H=next_pow2(H), BLOCK_HKV=next_pow2(Hkv),
+            ACC=tl_accumulator(torch.promote_types(q.dtype, cos.dtype)), BACKWARD=backward,
+            QPROD_T=tl_dtype(q_prod), KPROD_T=tl_dtype(k_prod), BLOCK_H=next_pow2(H), BLOCK_HKV=next_pow2(Hkv),
             HALF=next_pow2(half))
     return qo, ko
 

@@ -45,6 +45,19 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def tl_dtype(dtype: torch.dtype):
+    """The ``triton.language`` dtype of a torch float dtype (for constexpr arguments)."""
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
+
+
+def tl_accumulator(dtype: torch.dtype):
+    """Where kernels accumulate for inputs of ``dtype``: float64 for float64 (exactness tests), else float32."""
+    return tl_dtype(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def jit_copies(module_globals: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     """``triton.jit`` copies of the plain functions ``names`` of a module (its ``globals()``), made with globals
     in which ``tl`` / ``triton`` and each other's jitted copies resolve (so kernels can call helpers).

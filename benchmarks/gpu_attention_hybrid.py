@@ -406,11 +406,6 @@ def v1_backend():
     return tri
 
 
-def v1_backward(tri, kp: Kept):
-    return tri.backward_kept(kp.do_k, q=kp.q_k, k=kp.k, v=kp.v, o=kp.o_k, aux=kp.lse_k, keep=kp.keep,
-                             layout=kp.layout, scale=kp.scale, queries_compact=True)
-
-
 def lib_backend(overlap: bool):
     """The library's default backend (the hybrid where it applies, when the library has it); ``overlap``:
     its ``_dqf`` on a side stream."""
@@ -419,7 +414,8 @@ def lib_backend(overlap: bool):
     return tri
 
 
-def lib_backward(tri, kp: Kept):
+def kept_backward(tri, kp: Kept):
+    """``tri``'s kept-token backward on problem ``kp`` (version 1 or the library's default, per ``tri``)."""
     return tri.backward_kept(kp.do_k, q=kp.q_k, k=kp.k, v=kp.v, o=kp.o_k, aux=kp.lse_k, keep=kp.keep,
                              layout=kp.layout, scale=kp.scale, queries_compact=True)
 
@@ -460,14 +456,14 @@ def check_small(results: dict) -> None:
         ref = math_b.backward_kept(kp.do_k, q=kp.q_k, k=k, v=v, o=kp.o_k, aux=kp.lse_k, keep=keep, layout=layout,
                                    scale=scale, queries_compact=True)
         row = {"counts": kp.counts}
-        variants = {"v1": lambda kp=kp: v1_backward(tri, kp)}
+        variants = {"v1": lambda kp=kp: kept_backward(tri, kp)}
         for kk in KKS:
             if kk.applies(kp):
                 variants["hybrid_" + kk.name] = lambda kk=kk, kp=kp: hybrid(kp, kk, AT.DEFAULT_CONFIGS[D]["dqf"])
         variants["hybrid_cudnn_padded_streams"] = lambda kp=kp: hybrid(kp, KKS[1], AT.DEFAULT_CONFIGS[D]["dqf"],
                                                                        streams=True)
         for overlap in (False, True):
-            variants["lib" + ("_overlap" if overlap else "")] = lambda kp=kp, overlap=overlap: lib_backward(
+            variants["lib" + ("_overlap" if overlap else "")] = lambda kp=kp, overlap=overlap: kept_backward(
                 lib_backend(overlap), kp)
         for vname, fn in variants.items():
             try:
@@ -522,9 +518,9 @@ def time_case(S: int, B: int, gen: torch.Generator, results: dict) -> None:
                "errors_vs_v1": {}, "first_call_ms": {}}
         case["rows"].append(row)
         t = row["times"]
-        ref = v1_backward(tri_v1, kp)
-        t["v1"] = bench(lambda kp=kp: v1_backward(tri_v1, kp))
-        row["host_ms"] = {"v1": host_ms(lambda kp=kp: v1_backward(tri_v1, kp))}
+        ref = kept_backward(tri_v1, kp)
+        t["v1"] = bench(lambda kp=kp: kept_backward(tri_v1, kp))
+        row["host_ms"] = {"v1": host_ms(lambda kp=kp: kept_backward(tri_v1, kp))}
         cfg0 = AT.DEFAULT_CONFIGS[D]["dqf"]
         t["dqf"] = bench(lambda kp=kp, cfg0=cfg0: run_dqf(kp, cfg0))
         row["host_ms"]["dqf"] = host_ms(lambda kp=kp, cfg0=cfg0: run_dqf(kp, cfg0))
@@ -569,12 +565,12 @@ def time_case(S: int, B: int, gen: torch.Generator, results: dict) -> None:
             name = "lib" + ("_overlap" if overlap else "")
             try:
                 lib = lib_backend(overlap)
-                got = lib_backward(lib, kp)
+                got = kept_backward(lib, kp)
                 row[name + "_path"] = getattr(lib, "last_backward", "v1")
                 row["errors_vs_v1"][name] = {n_: rel(g, r) for n_, g, r in zip(("dq", "dk", "dv"), got, ref,
                                                                                strict=True)}
-                t[name] = bench(lambda kp=kp, lib=lib: lib_backward(lib, kp))
-                row["host_ms"][name] = host_ms(lambda kp=kp, lib=lib: lib_backward(lib, kp))
+                t[name] = bench(lambda kp=kp, lib=lib: kept_backward(lib, kp))
+                row["host_ms"][name] = host_ms(lambda kp=kp, lib=lib: kept_backward(lib, kp))
             except Exception as e:
                 t[name] = {"error": f"{type(e).__name__}: {traceback.format_exc()[-600:]}"}
         row["ratios"] = {n_: r_["ms"] / sdpa_ms for n_, r_ in t.items() if "ms" in r_}

@@ -44,26 +44,9 @@ def _restore_interpret_env():
         os.environ.pop("TRITON_INTERPRET", None)
 
 
-class _PoisonTorch:
-    """Stands in for ``torch`` inside ``attention_triton``: every fresh float buffer starts as NaN."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty(self, *args, **kwargs):
-        return self._poison(torch.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs):
-        return self._poison(torch.empty_like(*args, **kwargs))
-
-
 @pytest.fixture(autouse=True)
-def _poisoned(monkeypatch):
-    monkeypatch.setattr(attention_triton, "torch", _PoisonTorch())
+def _poisoned(poison_buffers):
+    poison_buffers(attention_triton)
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:

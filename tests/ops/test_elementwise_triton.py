@@ -11,8 +11,6 @@ activations with fp32 weights / tables, as under autocast).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -24,33 +22,9 @@ DEVICE = "cuda" if _CUDA else "cpu"
 R, D_MODEL, M, H, HKV, HEAD = 37, 48, 70, 6, 2, 16
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    pytest.importorskip("triton")
-    if not _CUDA and "TRITON_INTERPRET" not in os.environ:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-class _PoisonTorch:
-    """Stands in for ``torch`` inside the kernels' module: fresh float buffers start as NaN."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def _poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def empty(self, *args, **kwargs):
-        return self._poison(torch.empty(*args, **kwargs))
-
-    def empty_like(self, *args, **kwargs):
-        return self._poison(torch.empty_like(*args, **kwargs))
-
-
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(kernels, "torch", _PoisonTorch())
+def _poisoned(poison_buffers):
+    poison_buffers(kernels)
 
 
 def _rand(*shape, dtype, seed):

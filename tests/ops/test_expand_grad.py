@@ -8,8 +8,6 @@ columns to a memset (or forgets any element) fails the exact comparison.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -20,28 +18,9 @@ DEVICE = "cuda" if _CUDA else "cpu"
 SIZE, OTHER, K = 37, 29, 13  # not multiples of any block size
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    pytest.importorskip("triton")
-    if not _CUDA and "TRITON_INTERPRET" not in os.environ:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-class _PoisonTorch:
-    """Stands in for ``torch`` inside ``expand_grad``: every fresh float buffer starts as NaN."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-
 @pytest.fixture(autouse=True)
-def _poisoned(monkeypatch):
-    monkeypatch.setattr(ops, "torch", _PoisonTorch())
+def _poisoned(poison_buffers):
+    poison_buffers(ops)
 
 
 def split_ids(pattern: str, size: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,10 +5,10 @@ under autograd on the kept rows in the backward's replay. Eagerly, each is a han
 autograd bookkeeping per call — on a GPU a visible part of the step once the GEMMs have shrunk.
 ``ELEMENTWISE["compiled"]`` runs each as one fused kernel: where no autograd is recorded (the layer's forward
 and its hand-written backward) a hand-written Triton kernel (``ops.elementwise_triton``, CUDA), since the
-step is host-bound there and a launch costs 20–55 µs of host time against 70–240 µs for a dynamic-shape
-``torch.compile`` call; elsewhere (the autograd replay, the CPU) ``torch.compile`` (``fullgraph=True``: no
-graph breaks by construction; ``dynamic=True``: one graph for every row count, so varying kept counts do
-not recompile).
+step is host-bound there and a call costs 33–54 µs of host time against 85 µs for a dynamic-shape
+``torch.compile`` call (measured on an H100 host); elsewhere (the autograd replay, the CPU)
+``torch.compile`` (``fullgraph=True``: no graph breaks by construction; ``dynamic=True``: one graph for every
+row count, so varying kept counts do not recompile).
 
 Both follow the Hugging Face Llama-family modules exactly (RMSNorm computes in float32 and multiplies the
 weight in the input dtype; RoPE rotates halves); modules of another kind fall back to calling the module.
@@ -207,8 +207,8 @@ def _fused(f):
 
 class Compiled(Eager):
     """The same formulas as fused kernels: without autograd recording (the token-sparse layer's forward and
-    hand-written backward) on CUDA, hand-written Triton kernels (``ops.elementwise_triton``: 20–55 µs of host
-    time a call against 70–240 µs for a dynamic-shape ``torch.compile`` call, and this step is host-bound);
+    hand-written backward) on CUDA, hand-written Triton kernels (``ops.elementwise_triton``: 33–54 µs of host
+    time a call against 85 µs for a dynamic-shape ``torch.compile`` call, and this step is host-bound);
     elsewhere (the autograd replay, CPU) through ``torch.compile`` (compiled lazily, once per process)."""
 
     name = "compiled"

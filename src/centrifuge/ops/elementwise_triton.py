@@ -2,16 +2,18 @@
 
 Why: the token-sparse step with neuron omission is host-bound on an H100 — the GPU finishes a layer's
 shrunken GEMMs before Python has issued the next ones — and a ``torch.compile``-d call with dynamic shapes
-costs 70–240 µs of host time (guards, symbolic sizes, AOT wrappers; it varied between runs; measured with
-``benchmarks/gpu_call_overhead.py``), against 20–55 µs for a Triton launch with its wrapper. The layer
-calls these 11 times per layer and step (forward and hand-written backward), 242 calls for TinyLlama.
+costs 85 µs of host time (guards, symbolic sizes, AOT wrappers; ``benchmarks/gpu_call_overhead.py`` on an
+H100 host), against 33–54 µs for a Triton call with its wrapper. The layer calls these 11 times per layer and
+step (forward and hand-written backward), 242 calls for TinyLlama.
 
-Each function computes exactly what its formula in ``ops.elementwise`` computes, rounding where the formula
-rounds (a product of two 16-bit floats is exact in fp32, so "multiply in fp32, round to bf16" is PyTorch's
-bf16 multiply): ``rms_norm``, ``rms_norm_backward`` (plus an optional gradient added to dx, which saves the
-residual add), ``swiglu``, ``swiglu_backward``, ``rope``, ``rope_backward``. Accumulation in fp32 (fp64 for
-fp64 inputs, tests). Exceptions, within tolerance: reductions sum in another order (the weight gradient's
-row sum is per-program partials, then ``sum``), and ``exp`` / ``rsqrt`` are the GPU's, not PyTorch's.
+Each function follows its formula in ``ops.elementwise`` op for op, with the casts the formula has (a product
+of two 16-bit floats is exact in fp32, so "multiply in fp32, round to bf16" is PyTorch's bf16 multiply):
+``rms_norm``, ``rms_norm_backward`` (plus an optional gradient added to dx, which saves the residual add),
+``swiglu``, ``swiglu_backward``, ``rope``, ``rope_backward``. Accumulation in fp32 (fp64 for fp64 inputs,
+tests). In fp32 / fp64 they agree with the formulas to rounding; in bf16 on the GPU to a bf16 ulp or two
+(reductions sum in another order — the weight gradient's row sum is per-program partials, then ``sum`` —,
+``exp`` / ``rsqrt`` are the GPU's, and the compiler may keep a product in fp32 where eager PyTorch rounds it:
+measured on RoPE, 1–2 ulps in ~24% of elements, as ``torch.compile``'s kernels differ too).
 
 Shapes: rows first, features last and contiguous — x [R, d], gate / up [R, m], q [R, H, D], k [R, Hkv, D],
 cos / sin [R, D]. ``supported(*tensors)`` says where the kernels apply (CUDA, or CPU under

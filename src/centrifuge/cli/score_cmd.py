@@ -137,7 +137,8 @@ def score_reference(
                 "reference losses are only meaningful with the same tokenizer (set data.tokenizer to the "
                 "reference's, or use a reference trained with the training tokenizer)"
             )
-    data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source)
+    data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source,
+                          token_cache=config.data.token_cache)
     train = data.train
     log(f"data: {data.describe().splitlines()[0]}")
     log(f"tokenizer: {how}")

@@ -184,9 +184,19 @@ def load_reference_model(
 # --------------------------------------------------------------------------------------- fingerprints
 
 
+def _shape(dataset: PackedDataset) -> tuple[int, int]:
+    """(rows, seq_len); datasets that build rows on demand have ``shape`` and no ``input_ids`` tensor."""
+    shape = getattr(dataset, "shape", None) or dataset.input_ids.shape
+    return int(shape[0]), int(shape[1])
+
+
 def dataset_fingerprint(dataset: PackedDataset) -> str:
     """sha256 (hex) of a packed dataset's shape and of its [N, T] tensors ``input_ids``, ``labels``,
-    ``position_ids``, ``attention_mask`` (those it has): equal iff the scores would line up."""
+    ``position_ids``, ``attention_mask`` (those it has): equal iff the scores would line up. A dataset that
+    builds its rows on demand (``centrifuge.train.token_cache``) computes the same digest itself."""
+    streamed = getattr(dataset, "dataset_fingerprint", None)
+    if callable(streamed):
+        return streamed()
     h = hashlib.sha256(f"{FORMAT}|{tuple(dataset.input_ids.shape)}".encode())
     for name in DATASET_FIELDS:
         t = getattr(dataset, name, None)
@@ -349,7 +359,7 @@ def write_reference_scores(
     model_id = model_id or reference.model_id
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
-    n, seq_len = int(dataset.input_ids.shape[0]), int(dataset.input_ids.shape[1])
+    n, seq_len = _shape(dataset)
     if n == 0:
         raise ValueError("the dataset has no sequences to score")
     store = _dtype_name(dtype)
@@ -497,8 +507,8 @@ class ReferenceScores:
             )
         if dataset is not None:
             fingerprint = fingerprint or dataset_fingerprint(dataset)
-            seq_len = seq_len or int(dataset.input_ids.shape[1])
-            num_sequences = num_sequences or int(dataset.input_ids.shape[0])
+            seq_len = seq_len or _shape(dataset)[1]
+            num_sequences = num_sequences or _shape(dataset)[0]
         if tokenizer is not None and tokenizer_hash is None:
             tokenizer_hash = _hash_tokenizer(tokenizer)
         problems = []

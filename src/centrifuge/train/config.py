@@ -71,6 +71,7 @@ class DataSection:
     txt_split: str = "file"  # .txt documents: "file" (one per file) or "paragraph" (split on blank lines)
     tokenizer: str = "auto"  # "auto" (the model directory's, else train one), "train", or a local path
     cache_dir: str | None = None  # trained-tokenizer cache; None = $CENTRIFUGE_CACHE or ~/.cache/centrifuge
+    token_cache: str | None = None  # tokenize once into this directory, memory-map rows from it; None = in memory
 
     def validate(self) -> None:
         _require(self.seq_len >= 2, "data.seq_len", "must be at least 2", self.seq_len)

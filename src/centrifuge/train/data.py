@@ -421,12 +421,22 @@ def build_datasets(
     *,
     seq_len: int,
     source: str,
+    token_cache: str | None = None,
 ) -> Datasets:
-    """Tokenize and pack both splits (each split packed on its own: no row mixes the two)."""
-    train = pack_documents(tokenize_documents(train_docs, tokenizer), seq_len, pad_id=tokenizer.eos_id)
+    """Tokenize and pack both splits (each split packed on its own: no row mixes the two).
+
+    ``token_cache``: a directory; each split is then tokenized once into it and its rows are built per batch
+    from memory-mapped ids (``centrifuge.train.token_cache``: the same rows, for corpora of hundreds of MB)."""
+
+    def pack(docs: Sequence[Document]) -> PackedSequences:
+        if token_cache:
+            from centrifuge.train.token_cache import cached_packing
+
+            return cached_packing(docs, tokenizer, seq_len, token_cache)  # type: ignore[return-value]
+        return pack_documents(tokenize_documents(docs, tokenizer), seq_len, pad_id=tokenizer.eos_id)
+
+    train = pack(train_docs)
     if train.num_label_tokens() == 0:
         raise DataError("the training data has no token to learn (every label is masked)")
-    evals = None
-    if eval_docs:
-        evals = pack_documents(tokenize_documents(eval_docs, tokenizer), seq_len, pad_id=tokenizer.eos_id)
+    evals = pack(eval_docs) if eval_docs else None
     return Datasets(train, evals, source, len(train_docs), len(eval_docs))

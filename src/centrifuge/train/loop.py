@@ -169,7 +169,7 @@ def _check_resumable(config: Config, saved: dict[str, Any], where: str) -> list[
     for section, values in current.items():
         old_values = saved.get(section, {}) or {}
         for key, value in values.items():
-            if key in ("out_dir", "cache_dir") or key not in old_values or old_values[key] == value:
+            if key in ("out_dir", "cache_dir", "token_cache") or key not in old_values or old_values[key] == value:
                 continue
             change = f"{section}.{key}: {old_values[key]!r} -> {value!r}"
             keys = fixed.get(section, ())
@@ -405,7 +405,8 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     tokenizer, tokenizer_note = obtain_tokenizer(config, train_docs, vocab_size, run_dir=run_dir, resume=resume)
-    data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source)
+    data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source,
+                          token_cache=config.data.token_cache)
     sampler = SequenceSampler(len(data.train), seed=config.train.seed)
     if state is not None:
         sampler.load_state_dict(state["sampler"])

@@ -209,11 +209,14 @@ def run_dir_of(out: str, arm: str, seed: int) -> str:
 def run_arm(
     out: str, profile: Profile, arm: str, seed: int, *, device: str, prepared: dict[str, Any],
     force: bool = False, keep_checkpoints: bool = False, say: Callable[[str], None] = print,
+    overrides: list[str] | None = None, measure: Callable[[str], dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """Train ``arm`` with ``seed`` into ``out/runs/<arm>/seed<seed>``; returns its result (None on failure).
 
     A finished run (``result.json`` present) is kept unless ``force``; an unfinished one is started over.
-    A failure is written to ``error.txt`` and reported, and the study goes on with the next run."""
+    A failure is written to ``error.txt`` and reported, and the study goes on with the next run.
+    ``overrides``: the arm's overrides (default ``arm_overrides(arm, profile)``; ``{scores}`` / ``{seed}``
+    filled in); ``measure(run_dir)``: more numbers for ``result.json``, taken before checkpoints are removed."""
     run_dir = run_dir_of(out, arm, seed)
     result_path = os.path.join(run_dir, RESULT)
     if os.path.isfile(result_path) and not force:
@@ -223,7 +226,8 @@ def run_arm(
     os.makedirs(os.path.dirname(run_dir), exist_ok=True)
     root = os.path.join(out, PREPARED)
     scores = os.path.join(root, "scores")
-    extra = [o.format(scores=scores, seed=seed) for o in arm_overrides(arm, profile)]
+    arm_sets = arm_overrides(arm, profile) if overrides is None else overrides
+    extra = [o.format(scores=scores, seed=seed) for o in arm_sets]
     extra.append(f"train.seed={seed}")
     say(f"=== {arm} seed {seed}: {' '.join(e for e in extra if not e.startswith('tokens.reference_scores'))}")
     tic = time.perf_counter()
@@ -232,6 +236,8 @@ def run_arm(
                               tokenizer=os.path.join(root, "tokenizer"), out_dir=run_dir, device=device, extra=extra)
         train_with_clean_eval(config, os.path.join(root, "corpus", "eval.jsonl"))
         numbers = run_numbers(read_records(os.path.join(run_dir, "metrics.jsonl")))
+        if measure is not None:
+            numbers.update(measure(run_dir))
     except Exception as err:  # one failed arm must not stop the study
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, ERROR), "w", encoding="utf-8") as f:

@@ -35,6 +35,16 @@ def _list(value: str, allowed: tuple[str, ...] | None = None) -> list[str]:
     return items
 
 
+def _runs(value: str) -> list[tuple[str, int]]:
+    out = []
+    for item in _list(value):
+        arm, _, seed = item.partition(":")
+        if arm not in ARMS or not seed.isdigit():
+            raise argparse.ArgumentTypeError(f"--runs wants ARM:SEED items with ARM one of {', '.join(ARMS)}")
+        out.append((arm, int(seed)))
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.time_to_quality.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -44,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of: {', '.join(ARMS)}, or all (default: none, prepare only)")
     p.add_argument("--seeds", type=lambda v: [int(s) for s in _list(v)], default=None,
                    help=f"comma-separated seeds (default: 0,1 for {' and '.join(HEADLINE)}, 0 for the others)")
+    p.add_argument("--runs", type=_runs, default=[], metavar="ARM:SEED,...",
+                   help="explicit runs, e.g. dense:1,centrifuge_k0.5:1,random_k0.5:0 (after those of --arms)")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per arm (default: the profile's)")
     p.add_argument("--dense-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -100,21 +112,22 @@ def main(argv: list[str] | None = None) -> int:
         parts = study.export_reference(args.out, args.export_reference)
         print(f"reference exported: {', '.join(parts)}", flush=True)
     failed, skipped, longest = [], [], 0.0
-    for arm in args.arms:
-        for seed in args.seeds if args.seeds is not None else ([0, 1] if arm in HEADLINE else [0]):
-            if args.call_budget_s and time.perf_counter() - started + 1.2 * longest > args.call_budget_s:
-                skipped.append(f"{arm}/seed{seed}")
-                continue
-            tic = time.perf_counter()
-            result = study.run_arm(args.out, profile, arm, seed, device=args.device, prepared=prepared,
-                                   force=args.force)  # fmt: skip
-            longest = max(longest, time.perf_counter() - tic)
-            if result is None:
-                failed.append(f"{arm}/seed{seed}")
-            else:
-                print(f"--- {arm} seed {seed}: {result['steps']} steps, final held-out loss "
-                      f"{result['final_eval_loss']:.4f}, {result['train_seconds']:.1f} s training, "
-                      f"{result['wall_seconds']:.1f} s in all", flush=True)  # fmt: skip
+    default_seeds = {arm: [0, 1] if arm in HEADLINE else [0] for arm in ARMS}
+    todo = [(arm, seed) for arm in args.arms for seed in (args.seeds if args.seeds is not None else default_seeds[arm])]
+    for arm, seed in todo + [r for r in args.runs if r not in todo]:
+        if args.call_budget_s and time.perf_counter() - started + 1.2 * longest > args.call_budget_s:
+            skipped.append(f"{arm}/seed{seed}")
+            continue
+        tic = time.perf_counter()
+        result = study.run_arm(args.out, profile, arm, seed, device=args.device, prepared=prepared,
+                               force=args.force)  # fmt: skip
+        longest = max(longest, time.perf_counter() - tic)
+        if result is None:
+            failed.append(f"{arm}/seed{seed}")
+        else:
+            print(f"--- {arm} seed {seed}: {result['steps']} steps, final held-out loss "
+                  f"{result['final_eval_loss']:.4f}, {result['train_seconds']:.1f} s training, "
+                  f"{result['wall_seconds']:.1f} s in all", flush=True)  # fmt: skip
     print(f"invocation done in {time.perf_counter() - started:.1f} s (torch threads {torch.get_num_threads()})")
     if glob.glob(os.path.join(args.out, "runs", "*", "seed*", "result.json")):
         payload = write_report([args.out])

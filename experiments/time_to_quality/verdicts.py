@@ -16,6 +16,9 @@ Goals (issue 21):
    there are at least three runs in all (one seed each has no spread to judge against): else inconclusive.
 3. ``within_at_steps``: at equal steps the arm's final loss (mean) is at most ``TOLERANCE`` (1%) above the
    other's; "inconclusive" when the step counts differ.
+
+And the condition on the shape: ``step_ratio``: the token-sparse step's median time below ``STEP_RATIO`` (0.7)
+of dense's, measured in the same runs (each run's median step time, mean over seeds).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 REACH_RATIO = 0.75
 TOLERANCE = 0.01
+STEP_RATIO = 0.7  # the issue's shape condition: the token-sparse step below 0.7x dense's
 
 Run = dict[str, Any]
 
@@ -113,6 +117,15 @@ def within_at_steps(a: Sequence[Run], b: Sequence[Run], *, tolerance: float = TO
                     f"goal <= {100 * tolerance:g}%){why} -> {verdict}"}  # fmt: skip
 
 
+def step_ratio(a: Sequence[Run], b: Sequence[Run], *, limit: float = STEP_RATIO,
+               names: tuple[str, str] = ("a", "b")) -> dict:  # fmt: skip
+    """Is ``a``'s median step time below ``limit`` x ``b``'s (means over runs)?"""
+    ratio = statistics.fmean(r["median_step_s"] for r in a) / statistics.fmean(r["median_step_s"] for r in b)
+    verdict = "yes" if ratio < limit else "no"
+    return {"verdict": verdict, "ratio": ratio,
+            "text": f"median step `{names[0]}` / `{names[1]}` = {ratio:.3f} (condition < {limit:g}) -> {verdict}"}
+
+
 def goals(arms: dict[str, Sequence[Run]]) -> list[dict]:
     """Every goal of the issue that the arms present allow, in order; each with a ``goal`` title."""
     out: list[dict] = []
@@ -123,6 +136,9 @@ def goals(arms: dict[str, Sequence[Run]]) -> list[dict]:
 
     dense = arms.get("dense")
     excess = arms.get("centrifuge_k0.5")
+    if dense and excess and all("median_step_s" in r for r in [*dense, *excess]):
+        add("shape condition: the token-sparse step below 0.7x dense's",
+            step_ratio(excess, dense, names=("centrifuge_k0.5", "dense")))
     if dense and excess:
         add("excess-loss selection reaches dense's final loss in <= 0.75x dense's wall-clock",
             reach(excess, dense, name="centrifuge_k0.5"))

@@ -77,11 +77,12 @@ def test_report_files_and_verdicts(study: Path):
         rows = {row["arm"]: row for row in csv.DictReader(f)}
     assert set(rows) == set(ARMS) and float(rows["dense"]["vs_dense_pct"]) == 0.0
     payload = _json(report / "results.json")
-    assert len(payload["verdicts"]) == 8 and payload["failures"] == []
+    assert len(payload["verdicts"]) == 9 and payload["failures"] == []
     assert all(c["verdict"] in ("yes", "no", "inconclusive") for c in payload["verdicts"])
     assert all(p["tokens"] == p["step"] * TOY.batch_size * TOY.seq_len for p in payload["curves"]["dense"])
     summary = (report / "summary.md").read_text()
-    assert "0.75x dense's wall-clock" in summary and "LORS within 1% of dense at equal steps" in summary
+    assert "0.75x dense's wall-clock" in summary and "below 0.7x dense's" in summary
+    assert "LORS within 1% of dense at equal steps" in summary
 
 
 def test_packed_results_hold_numbers_not_weights(study: Path):
@@ -97,9 +98,10 @@ def test_next_call_takes_the_exported_reference(study: Path, tmp_path: Path):
     parts = sorted((study.parent / "carry").glob("reference.tar.part-*"))
     assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
     again = tmp_path / "again"
-    code = run.main(["--profile", "cpu-toy", "--out", str(again), "--device", "cpu",
+    code = run.main(["--profile", "cpu-toy", "--out", str(again), "--device", "cpu", "--runs", "dense:3",
                      "--reference-from", str(study.parent / "carry")])  # fmt: skip
     assert code == 0
+    assert [p.parent.name for p in again.glob("runs/*/seed*/result.json")] == ["seed3"]
     first, second = _json(study / "prepared" / "prepared.json"), _json(again / "prepared" / "prepared.json")
     assert second["reference_carried_from"] == str(study.parent / "carry")
     assert second["corpus_fingerprint"] == first["corpus_fingerprint"]

@@ -71,6 +71,13 @@ def test_within_one_percent_at_equal_steps():
     assert v.within_at_steps(other_steps, DENSE)["verdict"] == "inconclusive"
 
 
+def test_step_ratio_condition():
+    dense = [{"median_step_s": 0.100}, {"median_step_s": 0.102}]
+    assert v.step_ratio([{"median_step_s": 0.065}], dense)["verdict"] == "yes"
+    no = v.step_ratio([{"median_step_s": 0.075}], dense)
+    assert no["verdict"] == "no" and no["ratio"] == pytest.approx(0.075 / 0.101)
+
+
 def test_goals_follow_the_arms_present():
     arm = [run([(0, 8.0), (60, 3.0), (100, 2.8)])]
     assert v.goals({"dense": DENSE}) == []

@@ -17,6 +17,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dense-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="an override for the dense arm only (repeatable): the strongest dense path's switches")
     p.add_argument("--reference-from", default=None, metavar="DIR",
-                   help="tokenizer + reference model exported by an earlier call (reference.tar.part-NN files)")
+                   help="tokenizer + reference model exported by an earlier call (reference.tar.part-NN files); "
+                        "calibration/*.json there (earlier calls' step counts) are used for arms not calibrated here")
     p.add_argument("--export-reference", default=None, metavar="DIR",
                    help="write the tokenizer + reference model as reference.tar.part-NN files (<= 15 MiB) here")
     p.add_argument("--pack", default=None, metavar="FILE", help="write the results (no weights, no data) as .tar.gz")
@@ -108,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     prepared = study.prepare(args.out, profile, device=args.device, reference_from=args.reference_from)
     print(f"prepared in {time.perf_counter() - started:.1f} s", flush=True)
+    carried = os.path.join(args.reference_from or "", "calibration")
+    if args.reference_from and os.path.isdir(carried):  # earlier calls' step counts: every seed of an arm alike
+        os.makedirs(os.path.join(args.out, "calibration"), exist_ok=True)
+        for path in sorted(glob.glob(os.path.join(carried, "*.json"))):
+            target = os.path.join(args.out, "calibration", os.path.basename(path))
+            if not os.path.exists(target):
+                shutil.copyfile(path, target)
     if args.export_reference:
         parts = study.export_reference(args.out, args.export_reference)
         print(f"reference exported: {', '.join(parts)}", flush=True)
@@ -115,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     default_seeds = {arm: [0, 1] if arm in HEADLINE else [0] for arm in ARMS}
     todo = [(arm, seed) for arm in args.arms for seed in (args.seeds if args.seeds is not None else default_seeds[arm])]
     for arm, seed in todo + [r for r in args.runs if r not in todo]:
-        if args.call_budget_s and time.perf_counter() - started + 1.2 * longest > args.call_budget_s:
+        expected = 1.2 * longest if longest else 1.5 * profile.budget_s + 30  # before any run: the budget's share
+        if args.call_budget_s and time.perf_counter() - started + expected > args.call_budget_s:
             skipped.append(f"{arm}/seed{seed}")
             continue
         tic = time.perf_counter()

@@ -201,7 +201,7 @@ def unpack_reference(source: str, dest: str) -> str:
         for m in members:
             if not (m.isfile() or m.isdir()) or m.name.startswith(("/", "..")) or ".." in m.name.split("/"):
                 raise ValueError(f"{source}: unexpected tar entry {m.name!r}")
-        tar.extractall(dest, members=members)  # noqa: S202 (entries checked above)
+        tar.extractall(dest, members=members, filter="data")  # "data": no links, devices or paths outside dest
     os.unlink(tar_path)
     return dest
 

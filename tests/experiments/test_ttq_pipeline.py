@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -97,12 +98,18 @@ def test_packed_results_hold_numbers_not_weights(study: Path):
 def test_next_call_takes_the_exported_reference(study: Path, tmp_path: Path):
     parts = sorted((study.parent / "carry").glob("reference.tar.part-*"))
     assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    carry = tmp_path / "carry"
+    shutil.copytree(study.parent / "carry", carry)
+    (carry / "calibration").mkdir()
+    calibration = {**_json(study / "calibration" / "dense.json"), "steps": 7}  # an earlier call's step count
+    (carry / "calibration" / "dense.json").write_text(json.dumps(calibration))
     again = tmp_path / "again"
     code = run.main(["--profile", "cpu-toy", "--out", str(again), "--device", "cpu", "--runs", "dense:3",
-                     "--reference-from", str(study.parent / "carry")])  # fmt: skip
+                     "--reference-from", str(carry)])  # fmt: skip
     assert code == 0
-    assert [p.parent.name for p in again.glob("runs/*/seed*/result.json")] == ["seed3"]
+    results = list(again.glob("runs/*/seed*/result.json"))
+    assert [p.parent.name for p in results] == ["seed3"] and _json(results[0])["steps"] == 7
     first, second = _json(study / "prepared" / "prepared.json"), _json(again / "prepared" / "prepared.json")
-    assert second["reference_carried_from"] == str(study.parent / "carry")
+    assert second["reference_carried_from"] == str(carry)
     assert second["corpus_fingerprint"] == first["corpus_fingerprint"]
     assert second["scores_fingerprint"] == first["scores_fingerprint"]  # the same reference scores

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated seeds (default: 0,1 for {' and '.join(HEADLINE)}, 0 for the others)")
     p.add_argument("--runs", type=_runs, default=[], metavar="ARM:SEED,...",
                    help="explicit runs, e.g. dense:1,centrifuge_k0.5:1,random_k0.5:0 (after those of --arms)")
+    p.add_argument("--calibrate", type=lambda v: _list(v, ARMS), default=[], metavar="ARMS",
+                   help="calibrate these arms first (step time, step count; no training) and print their step "
+                        "time against dense's: the shape condition known before the arms are run")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per arm (default: the profile's)")
     p.add_argument("--dense-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -120,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_reference:
         parts = study.export_reference(args.out, args.export_reference)
         print(f"reference exported: {', '.join(parts)}", flush=True)
+    if args.calibrate:
+        times = {arm: study.calibrate(args.out, profile, arm, device=args.device)["step_s"]
+                 for arm in dict.fromkeys(["dense", *args.calibrate])}  # fmt: skip
+        for arm, step_s in times.items():
+            print(f"calibrated {arm}: {1000 * step_s:.1f} ms a step = {step_s / times['dense']:.3f}x dense", flush=True)
     failed, skipped, longest = [], [], 0.0
     default_seeds = {arm: [0, 1] if arm in HEADLINE else [0] for arm in ARMS}
     todo = [(arm, seed) for arm in args.arms for seed in (args.seeds if args.seeds is not None else default_seeds[arm])]

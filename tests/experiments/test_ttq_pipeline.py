@@ -31,7 +31,8 @@ def study(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ttq")
     out = root / "study"
     code = run.main(["--profile", "cpu-toy", "--out", str(out), "--arms", "all", "--device", "cpu",
-                     "--export-reference", str(root / "carry"), "--pack", str(root / "results.tar.gz")])  # fmt: skip
+                     "--calibrate", "centrifuge_k0.5", "--export-reference", str(root / "carry"),
+                     "--pack", str(root / "results.tar.gz")])  # fmt: skip
     assert code == 0
     return out
 

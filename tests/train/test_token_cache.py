@@ -108,15 +108,23 @@ def test_bad_meta_is_refused(tmp_path, tokenizer):
         TokenCache(entry)
 
 
-def test_fingerprint_is_remembered_per_seq_len(tmp_path, tokenizer):
+def test_fingerprint_and_label_count_are_remembered_per_seq_len(tmp_path, tokenizer):
     docs = documents()
     a = cached_packing(docs, tokenizer, 16, str(tmp_path))
     first = a.dataset_fingerprint()
     stored = json.loads((Path(a.cache.entry) / "fingerprints.json").read_text())
-    assert stored == {f"16:{tokenizer.eos_id}": first}
+    assert stored == {f"16:{tokenizer.eos_id}": {"fingerprint": first}}
+    labels = a.num_label_tokens()
+    stored = json.loads((Path(a.cache.entry) / "fingerprints.json").read_text())
+    assert stored == {f"16:{tokenizer.eos_id}": {"fingerprint": first, "label_tokens": labels}}
     b = cached_packing(docs, tokenizer, 17, str(tmp_path))
     assert b.dataset_fingerprint() != first
     assert len(json.loads((Path(a.cache.entry) / "fingerprints.json").read_text())) == 2
+    # a fresh object reads the stored numbers back (a wrong stored count shows that it does not recompute)
+    (Path(a.cache.entry) / "fingerprints.json").write_text(json.dumps({f"16:{tokenizer.eos_id}": {
+        "fingerprint": "f" * 64, "label_tokens": labels + 5}}))  # fmt: skip
+    again = cached_packing(docs, tokenizer, 16, str(tmp_path))
+    assert again.dataset_fingerprint() == "f" * 64 and again.num_label_tokens() == labels + 5
 
 
 def test_build_datasets_hook(tmp_path, tokenizer):

@@ -8,7 +8,9 @@ tokenized once, in chunks, into an entry of DIR:
 - ``offsets.bin``  int64 [D + 1]: document d is ``ids[offsets[d]:offsets[d + 1]]``;
 - ``flags.bin``    uint8 [D]: bit 0 = splittable (plain text), bit 1 = has context-only tokens (SFT prompt);
 - ``learn.bin``    uint8 per token (1 = learned), only when some document has context-only tokens;
-- ``meta.json``    format, version, key, counts and dtypes (written last; a directory with it is complete).
+- ``meta.json``    format, version, key, counts and dtypes (written last; a directory with it is complete);
+- ``fingerprints.json``  per (seq_len, pad id), once computed: the packing's dataset fingerprint and label
+                   count (derived from the entry; both cost a pass over every row at hundreds of MB).
 
 The entry's name is a hash of the documents (text, segments, learned flags, splittable), the tokenizer
 (``tokenizer_hash``) and this format's version, so any change makes a new entry and an entry is never
@@ -280,10 +282,35 @@ class CachedPackedSequences:
         for start in range(0, len(self), CHUNK_ROWS):
             yield self.rows(np.arange(start, min(start + CHUNK_ROWS, len(self))))
 
+    def _memo(self) -> dict[str, Any]:
+        """Numbers of this packing stored in the entry (``fingerprints.json``: per "seq_len:pad_id")."""
+        path = os.path.join(self.cache.entry, FINGERPRINTS)
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def _remember(self, **numbers: Any) -> None:
+        memo = self._memo()
+        name = f"{self._seq_len}:{self.pad_id}"
+        entry = memo.get(name) if isinstance(memo.get(name), dict) else {}
+        with contextlib.suppress(OSError):  # a read-only cache still works (the numbers are computed again)
+            _write_json_atomic(os.path.join(self.cache.entry, FINGERPRINTS), {**memo, name: {**entry, **numbers}})
+
+    def _remembered(self, key: str, kind: type) -> Any:
+        entry = self._memo().get(f"{self._seq_len}:{self.pad_id}")
+        value = entry.get(key) if isinstance(entry, dict) else None
+        return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
     def num_label_tokens(self) -> int:
-        """Tokens with a label after the shift (streamed over the rows once, then remembered)."""
+        """Tokens with a label after the shift (streamed over the rows once, then stored in the entry)."""
+        if self._label_tokens is None:
+            self._label_tokens = self._remembered("label_tokens", int)
         if self._label_tokens is None:
             self._label_tokens = sum(int((c["labels"][:, 1:] != IGNORE_INDEX).sum()) for c in self._chunks())
+            self._remember(label_tokens=self._label_tokens)
         return self._label_tokens
 
     def dataset_fingerprint(self) -> str:
@@ -293,26 +320,16 @@ class CachedPackedSequences:
         from centrifuge.tokens.reference import DATASET_FIELDS
         from centrifuge.tokens.reference import FORMAT as SCORES_FORMAT
 
-        path = os.path.join(self.cache.entry, FINGERPRINTS)
-        name = f"{self._seq_len}:{self.pad_id}"
-        known: dict[str, str] = {}
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    loaded = json.load(f)
-                known = {k: v for k, v in loaded.items() if isinstance(v, str)} if isinstance(loaded, dict) else {}
-            except (OSError, ValueError):
-                known = {}
-        if name in known:
-            return known[name]
+        known = self._remembered("fingerprint", str)
+        if known is not None:
+            return known
         h = hashlib.sha256(f"{SCORES_FORMAT}|{self.shape}".encode())
         for field in DATASET_FIELDS:
             h.update(f"|{field}|{self.shape}|".encode())
             for chunk in self._chunks():
                 h.update(np.ascontiguousarray(chunk[field]).tobytes())
         digest = h.hexdigest()
-        with contextlib.suppress(OSError):  # a read-only cache still works (the digest is computed again)
-            _write_json_atomic(path, {**known, name: digest})
+        self._remember(fingerprint=digest)
         return digest
 
 

@@ -48,15 +48,19 @@ def documents(seed: int = 0, n: int = 40) -> list[Document]:
     return docs
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["with-sft", "plain-text"])
 @pytest.mark.parametrize("seq_len", [4, 16, 37, 128])
-def test_cached_rows_equal_in_memory_packing(tmp_path, tokenizer, seq_len):
+def test_cached_rows_equal_in_memory_packing(tmp_path, tokenizer, seq_len, plain):
     docs = documents()
+    if plain:  # every document splittable: the contiguous fast path
+        docs = [text_document(d.text) for d in docs]
     want = pack_documents(tokenize_documents(docs, tokenizer), seq_len, pad_id=tokenizer.eos_id)
     got = cached_packing(docs, tokenizer, seq_len, str(tmp_path))
-    assert isinstance(got, CachedPackedSequences)
+    assert isinstance(got, CachedPackedSequences) and (got._doc_start is not None) == plain
     assert len(got) == len(want) and got.shape == tuple(want.input_ids.shape) and got.seq_len == seq_len
     assert got.num_truncated == want.num_truncated and got.num_documents == want.num_documents
-    assert want.num_truncated > 0 or seq_len == 128  # the SFT truncation rule is exercised
+    assert want.num_truncated > 0 or seq_len == 128 or plain  # the SFT truncation rule is exercised
+    assert (want.attention_mask == 0).any() or seq_len == 4  # so is padding
     everything = got.batch(torch.arange(len(got)))
     for key in BATCH_KEYS:
         assert everything[key].dtype == torch.int64

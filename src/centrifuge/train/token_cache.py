@@ -222,6 +222,12 @@ class CachedPackedSequences:
         )
         self.num_documents = cache.num_documents
         self._label_tokens: int | None = None
+        # Plain text only (every document splittable): row r is exactly tokens [r*T, (r+1)*T) of the stream,
+        # which `_contiguous_rows` builds without the per-segment bookkeeping (3-4x faster).
+        self._doc_start: np.ndarray | None = None
+        if cache.learn is None and bool(((cache.flags & SPLITTABLE) != 0).all()):
+            self._doc_start = np.zeros(int(cache.offsets[-1]), bool)
+            self._doc_start[cache.offsets[:-1]] = True
 
     def __len__(self) -> int:
         return len(self.row_ptr) - 1
@@ -241,6 +247,8 @@ class CachedPackedSequences:
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"row index out of range (0..{len(self) - 1})")
+        if self._doc_start is not None:
+            return self._contiguous_rows(idx)
         T, B = self._seq_len, len(idx)
         first, last = self.row_ptr[idx], self.row_ptr[idx + 1]
         counts = last - first
@@ -271,6 +279,26 @@ class CachedPackedSequences:
         positions[tok_row, tok_col] = within
         mask[tok_row, tok_col] = 1
         return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
+
+    def _contiguous_rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """``rows`` when every document is splittable (see ``__init__``); padding only ends the last row."""
+        assert self._doc_start is not None
+        T, total = self._seq_len, len(self._doc_start)
+        col = np.arange(T)
+        src = idx[:, None] * T + col  # [B, T] positions in the token stream
+        valid = src < total
+        src = np.minimum(src, total - 1)
+        ids = np.asarray(self.cache.ids[src.ravel()], np.int64).reshape(src.shape)
+        start = self._doc_start[src] & valid
+        starts = np.where(start | (col == 0), col, 0)  # a segment starts at a document start or the row start
+        np.maximum.accumulate(starts, axis=1, out=starts)
+        used = valid.sum(axis=1, keepdims=True)
+        return {
+            "input_ids": np.where(valid, ids, self.pad_id),
+            "labels": np.where(valid & ~start, ids, IGNORE_INDEX),  # a document's first token is never learned
+            "position_ids": np.where(valid, col - starts, col - used),  # padding: its own segment from 0
+            "attention_mask": valid.astype(np.int64),
+        }
 
     def batch(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows ``indices`` as a batch dict of [B, T] int64 tensors (what ``PackedSequences.batch`` gives)."""

@@ -445,7 +445,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
     resume_step = run.start_step if run.resume_from else None
     metrics = (MetricsLogger(run.run_dir, tensorboard=config.log.tensorboard, resume_step=resume_step) if main
                else _NoMetrics())
-    progress = Progress(t.steps, run.start_step, enabled=config.log.progress and main)
+    progress = Progress(t.steps, run.start_step, enabled=config.log.progress and main, every=config.log.every)
     say = progress.write if main else _quiet
     train_model = ctx.train_model or ctx.model
     _print_header(say, run)

@@ -88,17 +88,25 @@ def step_record(stats: StepStats, tokens_per_s: float) -> dict[str, float]:
 
 
 class Progress:
-    """The progress bar. Postfix: loss, tokens/s, lr, kept-token % (when below 100) and loss-fn stats."""
+    """Step progress: a tqdm bar on a terminal, plain lines otherwise.
 
-    def __init__(self, total: int, initial: int, *, enabled: bool) -> None:
-        interactive = sys.stderr.isatty()
+    Postfix / line: loss, tokens/s, lr, kept-token % (when below 100) and loss-fn stats (e.g. ``omit``).
+    When stderr is not a terminal (output redirected to a file, a CI log), redrawn bars would pile up as
+    carriage-return debris, so the bar is off and one plain line per ``every`` steps (and the last) is
+    printed to stdout instead, between the run's other messages."""
+
+    def __init__(self, total: int, initial: int, *, enabled: bool, every: int = 10,
+                 interactive: bool | None = None) -> None:
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.enabled, self.total, self.step, self.every = enabled, total, initial, max(1, every)
+        self._start, self._start_step = time.perf_counter(), initial
         self.bar = tqdm(
             total=total,
             initial=initial,
-            disable=not enabled,
+            disable=not (enabled and self.interactive),
             unit="step",
             dynamic_ncols=True,
-            mininterval=0.2 if interactive else 10.0,
+            mininterval=0.2,
             file=sys.stderr,
         )
 
@@ -112,8 +120,21 @@ class Progress:
             fields["kept"] = f"{100 * stats.counted_fraction:.0f}%"
         for key, value in stats.stats.items():
             fields[key] = f"{value:.3g}"
-        self.bar.set_postfix(fields, refresh=False)
-        self.bar.update(1)
+        self.step += 1
+        if not self.bar.disable:
+            self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(1)
+        elif self.enabled and (self.step % self.every == 0 or self.step == self.total):
+            print(self._line(fields), flush=True)
+
+    def _line(self, fields: dict[str, Any]) -> str:
+        """``step 10/200 | loss 7.822 | tok/s 3,265 | ... | 0:12 elapsed, ~3:41 left``."""
+        elapsed = time.perf_counter() - self._start
+        done = self.step - self._start_step
+        left = elapsed / done * (self.total - self.step) if done else 0.0
+        width = len(str(self.total))
+        parts = [f"step {self.step:>{width}}/{self.total}", *(f"{k} {v}" for k, v in fields.items())]
+        return " | ".join(parts) + f" | {_clock(elapsed)} elapsed, ~{_clock(left)} left"
 
     def write(self, message: str) -> None:
         """Print a line above the bar (plain print when the bar is off)."""
@@ -124,3 +145,9 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"

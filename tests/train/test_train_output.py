@@ -1,0 +1,64 @@
+"""What a user sees: ``centrifuge --version``, a clean log when output is not a terminal, no warning floods."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import centrifuge
+from centrifuge.train.metrics import Progress
+from centrifuge.train.step import StepStats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_version_matches_the_package(env):
+    out = subprocess.run([sys.executable, "-m", "centrifuge", "--version"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"centrifuge {declared}"
+    assert centrifuge.__version__ == declared
+
+
+def _stats(step: int, kept: int = 50) -> StepStats:
+    return StepStats(step=step, loss=9.0 - step, num_counted=kept, num_valid=100, num_tokens=128, grad_norm=1.0,
+                     lr=1e-3, stats={"omit": 0.25})
+
+
+def test_progress_without_a_terminal_prints_plain_lines(capsys):
+    progress = Progress(5, 0, enabled=True, every=2, interactive=False)
+    for step in range(1, 6):
+        progress.update(_stats(step), 1000.0)
+    progress.write("eval loss 1.0")
+    progress.close()
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split(" | ")[0] for line in lines[:3]] == ["step 2/5", "step 4/5", "step 5/5"]  # every 2 + the last
+    assert "loss 5.000" in lines[1] and "kept 50%" in lines[1] and "omit 0.25" in lines[1]
+    assert lines[3] == "eval loss 1.0"
+    assert "\r" not in out and err == ""  # no bar redraws in a log file
+
+
+def test_progress_disabled_prints_nothing(capsys):
+    progress = Progress(3, 0, enabled=False, every=1, interactive=False)
+    progress.update(_stats(1), 1000.0)
+    progress.close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_redirected_run_with_omission_has_a_clean_log_and_no_warnings(cli, fast_overrides):
+    """A run with token filtering and neuron omission, output captured (not a terminal): the log is plain
+    lines — no carriage returns, no third-party warnings (transformers >= 5.2x warned on every attention call
+    when the omission forward passed the KV cache under both of its names)."""
+    sets = fast_overrides("train.steps=4", "log.every=2", "log.progress=true", "eval.every=0", "neurons.rate=0.5",
+                          "neurons.multiple=16")
+    out = cli("train", *[arg for item in sets for arg in ("--set", item)])
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr and "warn" not in out.stdout.lower(), out.stderr
+    assert "\r" not in out.stdout + out.stderr
+    steps = re.findall(r"^step (\d)/4 \| loss [\d.]+ .*\| kept \d+% \| omit [\d.]+", out.stdout, re.M)
+    assert steps == ["2", "4"]

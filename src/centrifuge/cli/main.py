@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "centrifuge.cli.train_cmd",
     "bench": "centrifuge.cli.bench_cmd",
     "score-reference": "centrifuge.cli.score_cmd",
+    "plot": "centrifuge.cli.plot_cmd",
 }
 
 

@@ -54,7 +54,7 @@ from centrifuge.train.data import (
     split_documents,
 )
 from centrifuge.train.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingStoppedError
-from centrifuge.train.metrics import MetricsLogger, Progress, step_record
+from centrifuge.train.metrics import MetricsLogger, Progress, RunClock, step_record
 from centrifuge.train.step import LossFn, StepHooks, dense_loss, evaluate, train_step
 from centrifuge.train.tokenizer import TextTokenizer, cached_bpe, has_tokenizer, load_tokenizer
 
@@ -452,6 +452,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
 
     eval_size = config.eval.batch_size or t.batch_size
     evals = eval_batches(run.data.eval, eval_size, config.eval.max_batches) if run.data.eval is not None else []
+    clock = RunClock.from_state(state)  # tokens and step seconds so far, for plots by tokens / wall-clock
     first_eval = _eval_point(state.get("first_eval")) if state else None
     last_eval = _eval_point(state.get("last_eval")) if state else None
 
@@ -460,7 +461,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             return None
         loss, tokens = evaluate(ctx.model, evals, autocast_dtype=run.autocast_dtype)
         point = EvalPoint(step, loss, tokens)
-        metrics.log(step, "eval", {"loss": loss, "perplexity": point.perplexity})
+        metrics.log(step, "eval", {"loss": loss, "perplexity": point.perplexity, **clock.record()})
         say(point.describe())
         return point
 
@@ -471,6 +472,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             "first_eval": _eval_dict(first_eval),
             "last_eval": _eval_dict(last_eval),
             "seconds": time.perf_counter() - started + (state or {}).get("seconds", 0.0),
+            **clock.state_dict(),
         }
         return ckpt.save_checkpoint(
             run.run_dir, step=step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
@@ -504,11 +506,12 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
                     raise TrainingStoppedError(f"{err}. Training stopped; {where}") from None
                 step += 1
                 elapsed = time.perf_counter() - tic
+                clock.add(stats.num_tokens, elapsed)
                 step_time = elapsed if step_time is None else 0.8 * step_time + 0.2 * elapsed
                 window_tokens, window_time = window_tokens + stats.num_tokens, window_time + elapsed
                 progress.update(stats, stats.num_tokens / step_time)
                 if step % config.log.every == 0 or step == t.steps:
-                    metrics.log(step, "train", step_record(stats, window_tokens / window_time))
+                    metrics.log(step, "train", {**step_record(stats, window_tokens / window_time), **clock.record()})
                     window_tokens, window_time = 0, 0.0
                 if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
                     last_eval = run_eval(step) or last_eval
@@ -524,11 +527,25 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         progress.close()
         metrics.close()
 
+    if main and config.log.plot:
+        _write_plot(say, run.run_dir)
     seconds = time.perf_counter() - started
     result = RunResult(run.run_dir, step, first_eval, last_eval, saved_path, stop_signal, seconds)
     if stop_signal is None:
         _print_summary(say, result)
     return result
+
+
+def _write_plot(say: Callable[[str], None], run_dir: str) -> None:
+    """``<run>/metrics.png`` (``centrifuge.train.plot``); a failure to draw is a note, not a failed run."""
+    from centrifuge.train.plot import PLOT_FILE, plot_runs
+
+    try:
+        path = plot_runs([run_dir], os.path.join(run_dir, PLOT_FILE))
+    except Exception as err:  # the run itself succeeded
+        say(f"note: could not draw {PLOT_FILE}: {err}")
+        return
+    say(f"plot: {path} (compare runs: centrifuge plot RUN_A RUN_B; live: tensorboard --logdir {run_dir})")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

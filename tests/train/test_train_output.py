@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 
 import centrifuge
 from centrifuge.cli.main import main
@@ -69,3 +70,17 @@ def test_redirected_run_with_omission_has_a_clean_log_and_no_warnings(fast_overr
     assert "\r" not in out + err and err == ""
     steps = re.findall(r"^step (\d)/4 \| loss [\d.]+ .*\| kept \d+% \| omit [\d.]+", out, re.M)
     assert steps == ["2", "4"]
+    # the banner: device and backend, and a measured dense vs token-sparse time on this CPU
+    assert re.search(r"^device: cpu \(\d+ threads?\), fp32 \| attention backward: auto = math", out, re.M)
+    assert re.search(r"^speed: .*token-sparse forward \+ backward .*[\d.]+x the dense time", out, re.M)
+
+
+def test_print_config_keeps_the_defaults_comments(capsys):
+    assert main(["train", "--print-config", "--set", "train.steps=5", "--set",
+                 "model.overrides={num_hidden_layers: 1}"]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text) == load_config(None, ["train.steps=5", "model.overrides={num_hidden_layers: 1}"]
+                                               ).to_dict()  # the comments change nothing
+    assert re.search(r"^  steps: 5 +# optimizer steps$", text, re.M)
+    assert re.search(r"^tokens: +# token filtering", text, re.M)
+    assert re.search(r"^    num_hidden_layers: 1$", text, re.M)  # nested values carry no comment

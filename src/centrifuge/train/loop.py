@@ -35,6 +35,7 @@ from torch import nn
 
 from centrifuge.train import checkpoint as ckpt
 from centrifuge.train import distributed
+from centrifuge.train.banner import maybe_probe, setup_line, speed_lines
 from centrifuge.train.config import (
     Config,
     apply_overrides,
@@ -377,6 +378,7 @@ class PreparedRun:
     resume_from: str | None = None
     notes: list[str] = field(default_factory=list)  # settings changed since the checkpoint
     dist: distributed.Distributed = field(default_factory=distributed.Distributed)
+    probe: Any = None  # centrifuge.train.banner.ProbeResult: dense vs token-sparse step time, CPU runs only
 
 
 def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugin] | None = None) -> PreparedRun:
@@ -410,6 +412,9 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     if state is not None:
         sampler.load_state_dict(state["sampler"])
 
+    first_batch = list(range(min(config.train.batch_size, len(data.train))))
+    probe = maybe_probe(config, model, lambda: indexed_batch(data.train, first_batch), device,
+                        distributed=info.enabled)  # dense vs token-sparse time on a model copy, CPU only
     context = RunContext(config, model, optimizer, scheduler, device, data=data, tokenizer=tokenizer,
                          say=print if info.is_main else _quiet, train_model=train_model, dist=info)
     for plugin in default_plugins() if plugins is None else plugins:
@@ -419,7 +424,7 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     return PreparedRun(
         config, run_dir, device, autocast_dtype_for(config.train.precision, device), context, data, sampler,
         tokenizer, tokenizer_note, start_step=int(state["step"]) if state else 0, state=state,
-        resume_from=resume_from, notes=notes, dist=info,
+        resume_from=resume_from, notes=notes, dist=info, probe=probe,
     )  # fmt: skip
 
 
@@ -663,6 +668,9 @@ def _print_header(say: Callable[[str], None], run: PreparedRun) -> None:
         world = run.dist.world_size
         say(f"distributed: {world} ranks ({run.dist.strategy}), each takes {t.batch_size // world} of the "
             f"{t.batch_size} sequences of every micro-batch")
+    say(setup_line(config, run.device, run.autocast_dtype))
+    for line in speed_lines(config, run.device, params, run.probe):
+        say(line)
     if (note := busy_cpu_note(run.device)) is not None:
         say(note)
 

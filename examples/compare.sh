@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Dense, token filtering, neuron omission and both, on the built-in model and data, then one plot of the four
-# (about 6 minutes on a 2-core CPU). Run from the repository root; extra arguments go to every run
+# Dense, token filtering, neuron omission and both, on the built-in model and data (four runs the size of
+# `make demo`), then one plot of the four. Run from the repository root; extra arguments go to every run
 # (e.g. --set train.steps=50). Runs go to $OUT (default runs/compare; delete it to start over).
 set -euo pipefail
 OUT=${OUT:-runs/compare}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Rho-1 with Centrifuge, end to end on the CPU (about 8 minutes on 2 cores): a clean / noisy corpus pair,
-# a reference model on the clean half, its per-token losses over the noisy corpus, excess-loss training,
-# a dense run on the same data, and a plot of both. Run from the repository root; extra arguments go to
-# every command (e.g. --set train.steps=50). Everything is written under runs/rho1/ (delete it to start over).
+# Rho-1 with Centrifuge, end to end on the CPU (three training runs the size of `make demo`): a clean /
+# noisy corpus pair, a reference model on the clean half, its per-token losses over the noisy corpus,
+# excess-loss training, a dense run on the same data, and a plot of both. Run from the repository root; extra
+# arguments go to every command (e.g. --set train.steps=50). Everything goes under runs/rho1/ (delete it to
+# start over).
 set -euo pipefail
 python examples/make_corpus.py runs/rho1/data
 centrifuge train examples/rho1/reference.yaml "$@"

@@ -162,5 +162,5 @@ def test_compare_script(tmp_path):
                for name in ("dense", "token_filtering", "neuron_omission", "both")}
     assert [(c["tokens"]["keep_ratio"], c["neurons"]["rate"]) for c in configs.values()] == [
         (1.0, 0.0), (0.5, 0.0), (1.0, 0.5), (0.5, 0.5)]
-    assert train_records(root / "both" / "")[-1]["counted_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert train_records(root / "both")[-1]["counted_fraction"] == pytest.approx(0.5, abs=0.01)
     assert "omit" in train_records(root / "neuron_omission")[-1]

@@ -3,7 +3,7 @@
 Token filtering and neuron omission save work in large GEMMs and attention; on a CPU, or with a model small
 enough that a GPU step is bound by kernel launches, their extra bookkeeping costs more than it saves, so every
 sparse setting is *slower* per step than dense there. The banner says so, with a number measured on the spot
-where that is cheap: on the CPU, one token-sparse and one dense forward + backward of the run's first batch
+where that is cheap: on the CPU, token-sparse and dense forwards + backwards of the run's first batch
 on a copy of the model (``probe_token_sparse``; a fraction of a second to a few seconds, nothing of the run
 is touched: own model copy, forked RNG). On a GPU it cites the committed measurement of a small model
 instead of probing (``experiments/utility/results/2026-11-24-h100``).
@@ -27,7 +27,7 @@ UTILITY_RESULTS = "experiments/utility/results/2026-11-24-h100"
 
 @dataclass
 class ProbeResult:
-    """Seconds of one forward + backward, dense and token-sparse, on the same batch (the faster of two)."""
+    """Seconds of one forward + backward, dense and token-sparse, on the same batch (the fastest of the repeats)."""
 
     dense_s: float
     sparse_s: float
@@ -45,9 +45,10 @@ def token_filtering_on(config) -> bool:
 
 
 def probe_token_sparse(model: nn.Module, batch: dict[str, torch.Tensor], *, keep_ratio: float, mode: str = "fast",
-                       attention: str = "auto", repeats: int = 2) -> ProbeResult:
+                       attention: str = "auto", repeats: int = 3) -> ProbeResult:
     """Time forward + backward of a copy of ``model`` dense and with a random keep mask of ``keep_ratio``
-    (known before the forward), alternating, ``repeats`` times after one warm-up each; the fastest of each.
+    (known before the forward), alternating, ``repeats`` times after one warm-up each; the fastest of each
+    (the least disturbed by other processes).
 
     The copy is patched (``centrifuge.apply``) and dropped; the global RNG is forked, so the run is unchanged."""
     import centrifuge

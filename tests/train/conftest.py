@@ -17,6 +17,7 @@ FAST = [
     "train.warmup_steps=2",
     "log.progress=false",
     "log.tensorboard=false",
+    "log.plot=false",
     "eval.max_batches=2",
 ]
 

@@ -15,7 +15,18 @@ COMMANDS = {
     "train": "centrifuge.cli.train_cmd",
     "bench": "centrifuge.cli.bench_cmd",
     "score-reference": "centrifuge.cli.score_cmd",
+    "plot": "centrifuge.cli.plot_cmd",
 }
+
+
+def package_version() -> str:
+    """The installed distribution's version (``centrifuge-llm``), without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("centrifuge-llm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed; pip install -e . from the repository)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="centrifuge",
         description="Faster training of Hugging Face decoder LLMs by skipping tokens and neurons.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS.values():
         importlib.import_module(module_name).add_parser(sub)

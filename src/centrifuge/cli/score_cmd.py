@@ -63,7 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--store", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype of the stored losses (default float32: 4 bytes per token)")
     p.add_argument("--chunk-size", type=int, default=2048, help="LM-head rows per cross-entropy chunk")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (off when stderr is not a terminal)")
     p.set_defaults(func=run)
     return p
 
@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, _overrides(args))
         score_reference(
             config, args.model, args.out, batch_size=args.batch, shard_size=args.shard_size, device=args.device,
-            dtype=args.dtype, store=args.store, chunk_size=args.chunk_size, progress=not args.no_progress,
+            dtype=args.dtype, store=args.store, chunk_size=args.chunk_size,
+            progress=not args.no_progress and sys.stderr.isatty(),  # no bar debris in a log file
         )  # fmt: skip
     except (TrainError, ReferenceScoresError, FileNotFoundError) as err:
         print(f"centrifuge score-reference: error: {err}", file=sys.stderr)

@@ -283,15 +283,20 @@ def _attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddi
     training = self.training
     groups = om.plan.groups if training and om.plan is not None else None
     if groups is None and not (training and om.metric == "activation"):
+        if past_key_values is not None:  # forwarded only when given: transformers >= 5.2x calls it `cache` and
+            kwargs["past_key_values"] = past_key_values  # warns on every call that passes both names
         out = om.original_attn(hidden_states, position_embeddings=position_embeddings,
-                               attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+                               attention_mask=attention_mask, **kwargs)
         if training and om.gathers:
             om.observe_attn(self, hidden_states, None, None)
         return out
     spec = om.spec
     linear = omission_linear(om.plan)  # training here: a plan that keeps every head slices nothing
-    if past_key_values is None:
-        past_key_values = kwargs.pop("past_key_value", None)
+    for name in ("cache", "past_key_value"):  # the KV cache's other names across transformers versions
+        if past_key_values is None:
+            past_key_values = kwargs.pop(name, None)
+        else:
+            kwargs.pop(name, None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     q = linear(self.q_proj, hidden_states, "q_proj").view(hidden_shape)

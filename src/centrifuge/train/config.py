@@ -165,11 +165,12 @@ class CheckpointSection:
 
 @dataclass
 class LogSection:
-    """Progress bar, metrics.jsonl and TensorBoard (when the `tensorboard` package is importable)."""
+    """Progress bar, metrics.jsonl, TensorBoard (when the `tensorboard` package is importable), a PNG."""
 
     every: int = 10  # steps between metrics.jsonl / TensorBoard records
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True
+    plot: bool = True  # <out_dir>/metrics.png at the end of the run (centrifuge plot)
 
     def validate(self) -> None:
         _require(self.every >= 1, "log.every", "must be at least 1", self.every)

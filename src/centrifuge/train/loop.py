@@ -35,6 +35,7 @@ from torch import nn
 
 from centrifuge.train import checkpoint as ckpt
 from centrifuge.train import distributed
+from centrifuge.train.banner import maybe_probe, setup_line, speed_lines
 from centrifuge.train.config import (
     Config,
     apply_overrides,
@@ -54,7 +55,7 @@ from centrifuge.train.data import (
     split_documents,
 )
 from centrifuge.train.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingStoppedError
-from centrifuge.train.metrics import MetricsLogger, Progress, step_record
+from centrifuge.train.metrics import MetricsLogger, Progress, RunClock, step_record
 from centrifuge.train.step import LossFn, StepHooks, dense_loss, evaluate, train_step
 from centrifuge.train.tokenizer import TextTokenizer, cached_bpe, has_tokenizer, load_tokenizer
 
@@ -377,6 +378,7 @@ class PreparedRun:
     resume_from: str | None = None
     notes: list[str] = field(default_factory=list)  # settings changed since the checkpoint
     dist: distributed.Distributed = field(default_factory=distributed.Distributed)
+    probe: Any = None  # centrifuge.train.banner.ProbeResult: dense vs token-sparse step time, CPU runs only
 
 
 def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugin] | None = None) -> PreparedRun:
@@ -411,6 +413,9 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     if state is not None:
         sampler.load_state_dict(state["sampler"])
 
+    first_batch = list(range(min(config.train.batch_size, len(data.train))))
+    probe = maybe_probe(config, model, lambda: indexed_batch(data.train, first_batch), device,
+                        distributed=info.enabled)  # dense vs token-sparse time on a model copy, CPU only
     context = RunContext(config, model, optimizer, scheduler, device, data=data, tokenizer=tokenizer,
                          say=print if info.is_main else _quiet, train_model=train_model, dist=info)
     for plugin in default_plugins() if plugins is None else plugins:
@@ -420,7 +425,7 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     return PreparedRun(
         config, run_dir, device, autocast_dtype_for(config.train.precision, device), context, data, sampler,
         tokenizer, tokenizer_note, start_step=int(state["step"]) if state else 0, state=state,
-        resume_from=resume_from, notes=notes, dist=info,
+        resume_from=resume_from, notes=notes, dist=info, probe=probe,
     )  # fmt: skip
 
 
@@ -446,13 +451,14 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
     resume_step = run.start_step if run.resume_from else None
     metrics = (MetricsLogger(run.run_dir, tensorboard=config.log.tensorboard, resume_step=resume_step) if main
                else _NoMetrics())
-    progress = Progress(t.steps, run.start_step, enabled=config.log.progress and main)
+    progress = Progress(t.steps, run.start_step, enabled=config.log.progress and main, every=config.log.every)
     say = progress.write if main else _quiet
     train_model = ctx.train_model or ctx.model
     _print_header(say, run)
 
     eval_size = config.eval.batch_size or t.batch_size
     evals = eval_batches(run.data.eval, eval_size, config.eval.max_batches) if run.data.eval is not None else []
+    clock = RunClock.from_state(state)  # tokens and step seconds so far, for plots by tokens / wall-clock
     first_eval = _eval_point(state.get("first_eval")) if state else None
     last_eval = _eval_point(state.get("last_eval")) if state else None
 
@@ -461,7 +467,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             return None
         loss, tokens = evaluate(ctx.model, evals, autocast_dtype=run.autocast_dtype)
         point = EvalPoint(step, loss, tokens)
-        metrics.log(step, "eval", {"loss": loss, "perplexity": point.perplexity})
+        metrics.log(step, "eval", {"loss": loss, "perplexity": point.perplexity, **clock.record()})
         say(point.describe())
         return point
 
@@ -472,6 +478,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             "first_eval": _eval_dict(first_eval),
             "last_eval": _eval_dict(last_eval),
             "seconds": time.perf_counter() - started + (state or {}).get("seconds", 0.0),
+            **clock.state_dict(),
         }
         return ckpt.save_checkpoint(
             run.run_dir, step=step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
@@ -505,11 +512,12 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
                     raise TrainingStoppedError(f"{err}. Training stopped; {where}") from None
                 step += 1
                 elapsed = time.perf_counter() - tic
+                clock.add(stats.num_tokens, elapsed)
                 step_time = elapsed if step_time is None else 0.8 * step_time + 0.2 * elapsed
                 window_tokens, window_time = window_tokens + stats.num_tokens, window_time + elapsed
                 progress.update(stats, stats.num_tokens / step_time)
                 if step % config.log.every == 0 or step == t.steps:
-                    metrics.log(step, "train", step_record(stats, window_tokens / window_time))
+                    metrics.log(step, "train", {**step_record(stats, window_tokens / window_time), **clock.record()})
                     window_tokens, window_time = 0, 0.0
                 if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
                     last_eval = run_eval(step) or last_eval
@@ -525,11 +533,25 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         progress.close()
         metrics.close()
 
+    if main and config.log.plot:
+        _write_plot(say, run.run_dir)
     seconds = time.perf_counter() - started
     result = RunResult(run.run_dir, step, first_eval, last_eval, saved_path, stop_signal, seconds)
     if stop_signal is None:
         _print_summary(say, result)
     return result
+
+
+def _write_plot(say: Callable[[str], None], run_dir: str) -> None:
+    """``<run>/metrics.png`` (``centrifuge.train.plot``); a failure to draw is a note, not a failed run."""
+    from centrifuge.train.plot import PLOT_FILE, plot_runs
+
+    try:
+        path = plot_runs([run_dir], os.path.join(run_dir, PLOT_FILE))
+    except Exception as err:  # the run itself succeeded
+        say(f"note: could not draw {PLOT_FILE}: {err}")
+        return
+    say(f"plot: {path} (compare runs: centrifuge plot RUN_A RUN_B; live: tensorboard --logdir {run_dir})")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -647,6 +669,9 @@ def _print_header(say: Callable[[str], None], run: PreparedRun) -> None:
         world = run.dist.world_size
         say(f"distributed: {world} ranks ({run.dist.strategy}), each takes {t.batch_size // world} of the "
             f"{t.batch_size} sequences of every micro-batch")
+    say(setup_line(config, run.device, run.autocast_dtype))
+    for line in speed_lines(config, run.device, params, run.probe):
+        say(line)
     if (note := busy_cpu_note(run.device)) is not None:
         say(note)
 

@@ -144,6 +144,7 @@ def find_run_dir(template: str, *, resume: bool) -> str:
     With ``resume`` a ``{time}`` template selects the newest run it matches that has a checkpoint."""
     if not resume:
         run_dir = resolve_out_dir(template)
+        _check_writable_dir(run_dir)
         found = ckpt.list_checkpoints(run_dir)
         if found:
             raise ConfigError(
@@ -159,6 +160,26 @@ def find_run_dir(template: str, *, resume: bool) -> str:
     if not ckpt.list_checkpoints(template):
         raise CheckpointError(f"--resume: {template} holds no checkpoint to resume")
     return template
+
+
+def _check_writable_dir(run_dir: str) -> None:
+    """Refuse a ``train.out_dir`` that cannot become a directory: an existing file (or a file in its path),
+    or a place this user may not write. Checked before anything is written."""
+    path = os.path.abspath(run_dir)
+    while True:
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                what = "is" if path == os.path.abspath(run_dir) else f"is inside {path}, which is"
+                raise ConfigError(f"train.out_dir {run_dir!r} {what} a file, not a directory; "
+                                  "pick another with --set train.out_dir=PATH")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"train.out_dir {run_dir!r}: {path} is not writable; "
+                                  "pick another with --set train.out_dir=PATH")
+            return
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
 
 
 def _check_resumable(config: Config, saved: dict[str, Any], where: str) -> list[str]:
@@ -216,11 +237,13 @@ def model_config(config: Config) -> Any:
             raise ConfigError(f"model.path {m.path!r}: cannot read its config ({err})") from None
         what = f"model.path={m.path}"
     else:
+        _check_override_names(m.preset, m.overrides)
         try:
             hf = preset_config(m.preset, **m.overrides)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.overrides: {err}") from None
+        except Exception as err:  # transformers' config validators raise several types
+            raise ConfigError(f"model.overrides: {' '.join(str(err).split())}") from None
         what = f"model.preset={m.preset}"
+    _check_model_sizes(hf, "model.overrides" if m.path is None else f"model.path {m.path!r}")
     max_pos = getattr(hf, "max_position_embeddings", None)
     if max_pos is not None and config.data.seq_len > max_pos:
         raise ConfigError(
@@ -228,6 +251,39 @@ def model_config(config: Config) -> Any:
             f"({what}); lower data.seq_len"
         )
     return hf
+
+
+def _check_override_names(preset: str, overrides: dict[str, Any]) -> None:
+    """Refuse ``model.overrides`` keys that are not fields of the preset's config: Hugging Face configs
+    accept any keyword and keep it as an attribute nobody reads, so a typo would change nothing silently."""
+    import difflib
+
+    from centrifuge.models.presets import preset_config
+
+    fields = preset_config(preset).to_dict()
+    unknown = [key for key in overrides if key not in fields]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model.overrides: {unknown[0]!r} is not a field of the {preset!r} preset's "
+                          f"{fields.get('model_type', '')} config{hint}")
+
+
+# Sizes a causal LM needs at least one of; 0 builds a model that trains nothing (no layers) or crashes.
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "max_position_embeddings")
+
+
+def _check_model_sizes(hf: Any, where: str) -> None:
+    """Every size of ``_POSITIVE_SIZES`` the config has must be a positive integer; query heads must split
+    into the key/value heads (GQA)."""
+    for name in _POSITIVE_SIZES:
+        value = getattr(hf, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: {name} must be a positive integer (got {value!r})")
+    heads, kv = getattr(hf, "num_attention_heads", None), getattr(hf, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise ConfigError(f"{where}: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
 
 
 def build_model(config: Config, hf_config: Any) -> nn.Module:

@@ -59,7 +59,8 @@ def test_sft_jsonl_run(tmp_path, fast_overrides):
         (["data.seq_len=4096"], ConfigError, "above the model's max_position_embeddings=2048"),
         (["data.path=/no/such/corpus.txt"], DataError, "does not exist"),
         (["model.path=/no/such/model", "model.overrides={}"], ConfigError, "model.path '/no/such/model' is not"),
-        (["model.overrides={no_such_field: 1, vocab_size: 64}"], DataError, "vocabulary of at least"),
+        (["model.overrides={vocab_size: 64}"], DataError, "vocabulary of at least"),
+        (["model.overrides={no_such_field: 1}"], ConfigError, "'no_such_field' is not a field of the 'tiny'"),
     ],
 )
 def test_bad_input_writes_nothing(tmp_path, fast_overrides, extra, error, fragment):

@@ -287,7 +287,8 @@ def model_config(config: Config) -> Any:
         try:
             hf = AutoConfig.from_pretrained(m.path, local_files_only=True, trust_remote_code=m.trust_remote_code)
         except Exception as err:
-            raise ConfigError(f"model.path {m.path!r}: cannot read its config ({err})") from None
+            raise ConfigError(f"model.path {m.path!r}: cannot read its config ({' '.join(str(err).split())})") \
+                from None
         what = f"model.path={m.path}"
     else:
         _check_override_names(m.preset, m.overrides)

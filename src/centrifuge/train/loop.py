@@ -239,7 +239,7 @@ def _schedule_change_note(config: Config, saved_train: dict[str, Any], step: int
 
     The rule: the schedule is a function of the *current* settings (``lr_factor``); a resumed run continues
     at its step count on the new curve. Extending ``train.steps`` of a finished run therefore stretches the
-    cosine and the lr jumps back up (e.g. 3.0e-4 at step 30 of 30 -> 1.7e-3 at step 31 of 40); say so."""
+    cosine and the lr jumps back up (defaults: 3.0e-4 at step 30 of 30 -> 1.5e-3 at step 31 of 40); say so."""
     t = config.train
     keys = ("steps", "lr", "warmup_steps", "min_lr_ratio")
     try:

@@ -61,6 +61,12 @@ class ModelSection:
             )
         if self.path is not None and self.overrides:
             raise ConfigError("model.overrides applies to presets only, not to a model from model.path")
+        # "org/repo" names a Hub kernel, which transformers downloads and runs as code: never from a config
+        # (which may come from a run directory); only the built-in attention implementations.
+        if not re.fullmatch(r"[a-z0-9_|]+", self.attn_implementation):
+            raise ConfigError(f"model.attn_implementation {self.attn_implementation!r}: only built-in "
+                              "implementations (sdpa, eager, flash_attention_2, flex_attention, ...) are loaded; "
+                              "Hub kernels ('org/repo') run downloaded code")
 
 
 @dataclass

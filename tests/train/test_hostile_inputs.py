@@ -205,6 +205,24 @@ def _overwrite_weights(run_dir):
         f.write(b"\xff" * 4096)
 
 
+def _nan_weights(run_dir):
+    """Weights with a NaN, their size and hash in state.json updated (as an older version could have saved)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(ckpt.latest_checkpoint(run_dir), ckpt.MODEL_FILE)
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+    with open(path, "rb") as f:
+        entry = {"size": os.path.getsize(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
+    _edit_state(run_dir, _set(["files", ckpt.MODEL_FILE], entry))
+    assert not torch.isfinite(load_file(path)[name]).all()
+
+
 def _tokenizer_subdir(run_dir):
     os.makedirs(os.path.join(run_dir, "tokenizer", "extra"))
 
@@ -238,6 +256,7 @@ def _drop_listed_file(run_dir):
         (lambda d: _edit_state(d, _set(["optimizer_groups", 0, "lr"], "fast")), "optimizer group 'lr'"),
         (lambda d: _edit_state(d, _set(["config", "train", "lr"], "fast")), "train.lr: expected a number"),
         (_overwrite_weights, "model.safetensors does not match the sha256"),
+        (_nan_weights, "holds NaN or inf weights"),
         (_tokenizer_subdir, "holds extra, which is not a plain file"),
         (_tokenizer_symlink, "holds notes.txt, which is a symbolic link"),
     ],

@@ -552,6 +552,9 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     scheduler = build_scheduler(optimizer, config)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        if not weights_finite(model, info):  # e.g. written by a version that did not check before saving
+            raise CheckpointError(f"checkpoint {resume_from} holds NaN or inf weights; resume from an earlier "
+                                  "checkpoint (move this one out of checkpoints/)")
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     tokenizer, tokenizer_note = obtain_tokenizer(config, train_docs, vocab_size, run_dir=run_dir, resume=resume)
     data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source)

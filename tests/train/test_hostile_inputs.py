@@ -83,6 +83,7 @@ def sets(items) -> list[str]:
         (["tokens.selector=threshold", "tokens.reference_model=tiny"], "tokens.selector_params={tau:"),
         (["tokens.selector_params={nope: 1}"], "tokens.selector_params: selector 'random' takes"),
         (["tokens.schedule=linear", "tokens.schedule_params={nope: 1}"], "tokens.schedule_params:"),
+        (["tokens.schedule=linear", "tokens.schedule_params={end: 1.5}"], "gives keep ratio 1.5 at step 2 of 2"),
     ],
 )
 def test_bad_config_values(tmp_path, fast_overrides, capsys, monkeypatch, extra, fragment):

@@ -132,6 +132,20 @@ def _reference_source(tokens, context) -> Callable[[dict[str, torch.Tensor]], to
     return None
 
 
+def _check_schedule_range(schedule: Schedule, total: int, tokens) -> None:
+    """Refuse, at set-up, a keep-ratio schedule that leaves (0, 1] at some step (``ConfigError``); the
+    step would otherwise fail there, after the run directory and earlier checkpoints were written. Every
+    step is evaluated (a few microseconds each), or 10,001 evenly spaced ones in very long runs."""
+    from centrifuge.train.errors import ConfigError
+
+    stride = max(1, total // 10_000)
+    for step in [*range(0, total, stride), total - 1]:
+        ratio = float(schedule(step, total))
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"tokens.schedule_params: the {tokens.schedule} schedule gives keep ratio {ratio:g} at "
+                              f"step {step + 1} of {total}; keep tokens.keep_ratio and the schedule's values in (0, 1]")
+
+
 def _check_attention_backend(name: str, device: torch.device) -> None:
     """Refuse, at set-up, an attention backend the run's device cannot run (``ConfigError``).
 
@@ -183,6 +197,7 @@ def token_filter_plugin(context) -> None:
         schedule = make_schedule(tokens.schedule, **schedule_params)
     except ValueError as err:
         raise ConfigError(f"tokens.schedule_params: {err}") from None
+    _check_schedule_range(schedule, context.config.train.steps, tokens)
     try:
         reference = _reference_source(tokens, context)
     except (ValueError, OSError, ReferenceScoresError) as err:

@@ -151,14 +151,18 @@ def test_score_reference_on_a_directory_that_is_no_model(tmp_path, fast_override
 
 
 def test_truncated_reference_score_shard(tmp_path, fast_overrides, capsys):
+    corpus = tmp_path / "corpus.txt"  # small: scoring the whole built-in corpus would take most of the test
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox {i % 7} jumps over {i % 5} lazy dogs."
+                                   for i in range(300)))
+    data = ["data.txt_split=paragraph", f"data.path={corpus}"]
     scores = tmp_path / "scores"
     assert main(["score-reference", "--model", "tiny", "--out", str(scores), "--no-progress", "--device", "cpu",
-                 "--shard-size", "16", *sets(fast_overrides())]) == 0
+                 "--shard-size", "8", *sets(fast_overrides(*data))]) == 0
     shards = sorted(name for name in os.listdir(scores) if name.endswith(".safetensors"))
     last = scores / shards[-1]  # the last shard: training would reach it only after some steps
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     err = refused(capsys, tmp_path, "train", *sets(fast_overrides(
-        "tokens.selector=excess_loss", f"tokens.reference_scores={scores}", "train.steps=2")))
+        *data, "tokens.selector=excess_loss", f"tokens.reference_scores={scores}", "train.steps=2")))
     assert "tokens.reference_scores" in err and shards[-1] in err
 
 

@@ -28,6 +28,12 @@ def tokenizer_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tokenizer-cache"))
 
 
+@pytest.fixture(scope="session")
+def fast_items() -> list[str]:
+    """The ``FAST`` items, for fixtures wider than one test (``fast_overrides`` is per test)."""
+    return list(FAST)
+
+
 @pytest.fixture
 def fast_overrides(tmp_path, tokenizer_cache):
     """``--set`` items for a fast run writing to ``tmp_path/run``; extra items are appended."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -103,6 +105,30 @@ def _truncate(path, name):
         f.truncate(os.path.getsize(os.path.join(path, name)) // 2)
 
 
+def _overwrite_same_size(path, name):
+    """4 KB of 0xFF in the middle of the file, size unchanged: only the content hash can tell."""
+    with open(os.path.join(path, name), "r+b") as f:
+        f.seek(os.path.getsize(os.path.join(path, name)) // 2)
+        f.write(b"\xff" * 4096)
+
+
+def _symlink_instead(path, name):
+    """The listed file replaced by a symlink to an identical copy elsewhere (same size and hash)."""
+    outside = os.path.join(os.path.dirname(os.path.dirname(path)), "elsewhere-" + name)
+    shutil.copy(os.path.join(path, name), outside)
+    os.remove(os.path.join(path, name))
+    os.symlink(outside, os.path.join(path, name))
+
+
+def _escape_list(path, name):
+    """state.json lists a file outside the checkpoint."""
+    with open(os.path.join(path, ckpt.STATE_FILE)) as f:
+        state = json.load(f)
+    state["files"]["../" + name] = state["files"].pop(name)
+    with open(os.path.join(path, ckpt.STATE_FILE), "w") as f:
+        json.dump(state, f)
+
+
 def _drop(path, name):
     os.remove(os.path.join(path, name))
 
@@ -113,11 +139,13 @@ def _garble_state(path, name):
 
 
 def _fake_size(path, name):
-    """A truncated file whose recorded size was made to match: the header check must still catch it."""
+    """A truncated file whose recorded size and hash were made to match: the header check must still catch it."""
     _truncate(path, name)
     with open(os.path.join(path, ckpt.STATE_FILE)) as f:
         state = json.load(f)
-    state["files"][name] = os.path.getsize(os.path.join(path, name))
+    with open(os.path.join(path, name), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    state["files"][name] = {"size": os.path.getsize(os.path.join(path, name)), "sha256": digest}
     with open(os.path.join(path, ckpt.STATE_FILE), "w") as f:
         json.dump(state, f)
 
@@ -127,6 +155,10 @@ def _fake_size(path, name):
     [
         (_truncate, ckpt.MODEL_FILE, "corrupt: model.safetensors has"),
         (_fake_size, ckpt.MODEL_FILE, "corrupt: cannot read model.safetensors"),
+        (_overwrite_same_size, ckpt.MODEL_FILE, "corrupt: model.safetensors does not match the sha256"),
+        (_overwrite_same_size, ckpt.OPTIMIZER_FILE, "corrupt: optimizer.safetensors does not match the sha256"),
+        (_symlink_instead, ckpt.MODEL_FILE, "corrupt: model.safetensors is not a plain file"),
+        (_escape_list, ckpt.RNG_FILE, "may only name files inside the checkpoint"),
         (_drop, ckpt.OPTIMIZER_FILE, "incomplete: optimizer.safetensors is missing"),
         (_drop, ckpt.STATE_FILE, "incomplete: state.json is missing"),
         (_garble_state, ckpt.STATE_FILE, "state.json is not valid JSON"),

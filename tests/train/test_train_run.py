@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from centrifuge.cli.main import main
 from centrifuge.train import checkpoint as ckpt
@@ -59,7 +60,8 @@ def test_sft_jsonl_run(tmp_path, fast_overrides):
         (["data.seq_len=4096"], ConfigError, "above the model's max_position_embeddings=2048"),
         (["data.path=/no/such/corpus.txt"], DataError, "does not exist"),
         (["model.path=/no/such/model", "model.overrides={}"], ConfigError, "model.path '/no/such/model' is not"),
-        (["model.overrides={no_such_field: 1, vocab_size: 64}"], DataError, "vocabulary of at least"),
+        (["model.overrides={vocab_size: 64}"], DataError, "vocabulary of at least"),
+        (["model.overrides={no_such_field: 1}"], ConfigError, "'no_such_field' is not a field of the 'tiny'"),
     ],
 )
 def test_bad_input_writes_nothing(tmp_path, fast_overrides, extra, error, fragment):
@@ -124,6 +126,31 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert "non-finite loss (inf) at step 3" in message and "step-0000002" in message
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "run"))] == [2]
     assert ckpt.read_state(ckpt.latest_checkpoint(str(tmp_path / "run")))["step"] == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_never_saved_or_called_good(tmp_path, fast_overrides, bad):
+    """An optimizer step that leaves NaN / inf in the weights (with a finite loss and gradient norm, as an
+    eps that rounds to 0 or a huge lr can) must not be written as a checkpoint, nor named the last good one."""
+    from safetensors.torch import load_file
+
+    def poison_after_step_2(ctx: RunContext) -> None:
+        def hook(step: int) -> None:
+            if step == 2:  # after the optimizer moved: the loss of step 2 was finite
+                with torch.no_grad():
+                    ctx.model.model.layers[1].mlp.down_proj.weight[3, 5] = bad
+
+        ctx.hooks.after_optimizer_step.append(hook)
+
+    config = load_config(None, fast_overrides("train.steps=4", "checkpoint.every=1", "checkpoint.keep=5"))
+    with pytest.raises(TrainingStoppedError) as info:
+        run_training(config, plugins=[poison_after_step_2])
+    message = str(info.value)
+    assert info.value.exit_code == 1
+    assert "the weights hold NaN or inf after step 2" in message and "step-0000001" in message
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "run"))] == [1]
+    weights = load_file(os.path.join(ckpt.latest_checkpoint(str(tmp_path / "run")), ckpt.MODEL_FILE))
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_a_checkpoint_is_a_model_directory_to_fine_tune_from(tmp_path, fast_overrides):

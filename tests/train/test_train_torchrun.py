@@ -87,6 +87,18 @@ def test_torchrun_equals_one_process_and_resumes_exactly(tmp_path, fast_override
     assert (tmp_path / "fsdp2" / "metrics.jsonl").read_text() == metrics
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_fsdp2_process_group_is_torn_down_before_exit(env):
+    """The cause of a rare SIGABRT of one rank at exit (`terminate called without an active exception`): after
+    FSDP2, DTensor's caches kept the gloo process group alive past destroy_process_group, so its threads were
+    torn down during interpreter finalization. `distributed.shutdown()` must leave no gloo thread behind."""
+    script = os.path.join(os.path.dirname(__file__), "fsdp2_teardown_child.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("gloo threads left after shutdown: []") == 2, done.stdout
+
+
 def test_batch_that_does_not_split_over_the_ranks_is_refused(monkeypatch, fast_overrides):
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = load_config(None, fast_overrides("train.batch_size=3"))

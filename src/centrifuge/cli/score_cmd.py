@@ -112,6 +112,7 @@ def score_reference(
         write_reference_scores,
     )
     from centrifuge.train.data import build_datasets, read_documents, split_documents
+    from centrifuge.train.errors import ConfigError
     from centrifuge.train.loop import model_config, obtain_tokenizer, resolve_device
     from centrifuge.train.tokenizer import has_tokenizer, load_tokenizer
 
@@ -145,7 +146,16 @@ def score_reference(
 
     dev = resolve_device(device)
     weights = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and dev.type == "cuda") else torch.float32
-    ref_model = load_reference_model(model, dtype=weights, seed=config.train.seed).to(dev)
+    if os.path.isdir(model) and not any(name.endswith(".safetensors") for name in os.listdir(model)):
+        raise ConfigError(f"--model {model!r} holds no .safetensors weights (is it a model directory? pickled "
+                          ".bin weights are never loaded)")
+    try:
+        ref_model = load_reference_model(model, dtype=weights, seed=config.train.seed).to(dev)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # not a model directory, unknown model_type, unreadable weights, ...
+        raise ConfigError(f"--model {model!r}: cannot load a model from it ({' '.join(str(err).split())})") \
+            from None
     params = sum(p.numel() for p in ref_model.parameters())
     log(f"reference: {model} ({ref_model.config.model_type}, {params / 1e6:.2f}M parameters) on {dev}, "
         f"{str(weights).removeprefix('torch.')}")
@@ -180,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress and sys.stderr.isatty(),  # no bar debris in a log file
         )  # fmt: skip
     except (TrainError, ReferenceScoresError, FileNotFoundError) as err:
-        print(f"centrifuge score-reference: error: {err}", file=sys.stderr)
+        print(f"centrifuge score-reference: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("centrifuge score-reference: interrupted; run the same command again to resume", file=sys.stderr)

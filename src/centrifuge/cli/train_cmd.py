@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_training(config, resume=args.resume)
     except TrainError as err:
         if main:
-            print(f"centrifuge train: error: {err}", file=sys.stderr)
+            # one line, whatever the message quotes (library errors may span several)
+            print(f"centrifuge train: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("centrifuge train: interrupted", file=sys.stderr)

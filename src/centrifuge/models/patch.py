@@ -15,7 +15,9 @@ import functools
 import inspect
 import logging
 import types
+import weakref
 
+import torch
 import torch.nn as nn
 
 from centrifuge.models.registry import spec_for
@@ -32,6 +34,29 @@ log = logging.getLogger("centrifuge")
 _STATE_ATTR = "_centrifuge_patch"
 # Inputs the token-filtering forward tolerates only when None (what wrappers such as PEFT's pass along).
 _NONE_ONLY = ("inputs_embeds", "output_attentions", "output_hidden_states", "return_dict")
+
+
+# model -> handle of the forward pre-hook ``revert`` leaves behind: a reverted model refuses ``keep_mask=`` /
+# ``select=`` (its original forward would take them into **kwargs and silently train densely).
+_REVERT_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refuse_selection_after_revert(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if kwargs.get("keep_mask") is not None or kwargs.get("select") is not None:
+        raise TypeError("keep_mask= / select= given to a model that centrifuge.revert un-patched; its original "
+                        "forward would ignore them; call centrifuge.apply(model) again to filter tokens")
+
+
+def _check_selection_inputs(keep_mask, select, kwargs: dict) -> None:
+    """Refuse ``keep_mask`` and ``select`` together (the forward saves activations of the mask's rows only,
+    so a selection after it could pick rows that saved nothing) and a mask on another device than the
+    inputs (torch's own error would come from deep inside the step)."""
+    if keep_mask is not None and select is not None:
+        raise ValueError("pass keep_mask= (known before the forward) or select= (chosen after it), not both")
+    ids = kwargs.get("input_ids")
+    if isinstance(keep_mask, torch.Tensor) and isinstance(ids, torch.Tensor) and keep_mask.device != ids.device:
+        raise ValueError(f"keep_mask is on {keep_mask.device} but input_ids on {ids.device}; "
+                         "pass keep_mask.to(input_ids.device)")
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -89,6 +114,9 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
     spec = spec_for(model)
     if hasattr(model, _STATE_ATTR):
         revert(model)
+    guard = _REVERT_GUARDS.pop(model, None)
+    if guard is not None:
+        guard.remove()
     had_instance_forward = "forward" in vars(model)
     original = model.forward
     state = PatchState(mode, attention, had_instance_forward, original)
@@ -109,6 +137,7 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
                 if num_items_in_batch is not None else original(*args, **kwargs)
         if args:
             raise TypeError("pass input_ids and the other inputs by keyword to a Centrifuge-patched model")
+        _check_selection_inputs(keep_mask, select, kwargs)
         for name in _NONE_ONLY:  # PeftModelForCausalLM.forward passes these as None
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
@@ -148,7 +177,10 @@ def _patched_signature(original) -> inspect.Signature:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: the instance's forward is the original again. A no-op for unpatched models."""
+    """Undo ``apply``: the instance's forward is the original again. A no-op for unpatched models.
+
+    The reverted model refuses ``keep_mask=`` / ``select=`` (``TypeError``) through a forward pre-hook, which
+    the next ``apply`` removes: its original forward would take them into ``**kwargs`` and ignore them."""
     if _is_peft(model):
         revert(model.get_base_model())
         return model
@@ -164,6 +196,8 @@ def revert(model: nn.Module) -> nn.Module:
     for layer in model.model.layers:
         remove_layer_dispatch(layer)
     delattr(model, _STATE_ATTR)
+    # The original forward is back (not wrapped); a pre-hook refuses the selection arguments it would ignore.
+    _REVERT_GUARDS[model] = model.register_forward_pre_hook(_refuse_selection_after_revert, with_kwargs=True)
     return model
 
 

@@ -562,6 +562,12 @@ class ReferenceScores:
             self._open.popitem(last=False)
         return handle
 
+    def check_all(self) -> None:
+        """Check every shard (present, readable header, shape, sha256) now rather than at its first read,
+        so a training run refuses damaged scores before it writes anything. Raises ``ReferenceScoresError``."""
+        for shard in range(len(self.manifest["shards"])):
+            self._handle(shard)
+
     def for_batch(self, sequence_indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Reference losses [B, T] (fp32, CPU) of the dataset rows ``sequence_indices`` [B], in that order."""
         idx = torch.as_tensor(sequence_indices, dtype=torch.long).reshape(-1)

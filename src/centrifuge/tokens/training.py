@@ -123,12 +123,44 @@ def _reference_source(tokens, context) -> Callable[[dict[str, torch.Tensor]], to
 
     if tokens.reference_scores:
         scores = ReferenceScores(tokens.reference_scores, dataset=context.data.train, tokenizer=context.tokenizer)
+        scores.check_all()  # every shard now, before the run writes anything (not at its first batch)
         return lambda batch: scores.for_batch(batch["sequence_index"].tolist())
     if tokens.reference_model:
         dtype = next(context.model.parameters()).dtype
         online = OnlineReference.load(tokens.reference_model, device=context.device, dtype=dtype)
         return online
     return None
+
+
+def _check_schedule_range(schedule: Schedule, total: int, tokens) -> None:
+    """Refuse, at set-up, a keep-ratio schedule that leaves (0, 1] at some step (``ConfigError``); the
+    step would otherwise fail there, after the run directory and earlier checkpoints were written. Every
+    step is evaluated (a few microseconds each), or 10,001 evenly spaced ones in very long runs."""
+    from centrifuge.train.errors import ConfigError
+
+    stride = max(1, total // 10_000)
+    for step in [*range(0, total, stride), total - 1]:
+        ratio = float(schedule(step, total))
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"tokens.schedule_params: the {tokens.schedule} schedule gives keep ratio {ratio:g} at "
+                              f"step {step + 1} of {total}; keep tokens.keep_ratio and the schedule's values in (0, 1]")
+
+
+def _check_attention_backend(name: str, device: torch.device) -> None:
+    """Refuse, at set-up, an attention backend the run's device cannot run (``ConfigError``).
+
+    The backends check their inputs only when the first layer runs, which is after the run directory has
+    been written; the device alone decides it for the CUDA-only ones, so check that here."""
+    import os
+
+    from centrifuge.train.errors import ConfigError
+
+    if device.type == "cuda" or name in ("auto", "math", "sdpa"):
+        return
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return  # Triton's interpreter runs the kernels on the CPU (tests)
+    raise ConfigError(f"tokens.attention={name!r} needs a CUDA device and this run is on {device.type}; "
+                      "use --set tokens.attention=auto")
 
 
 def token_filter_plugin(context) -> None:
@@ -151,23 +183,38 @@ def token_filter_plugin(context) -> None:
         params.setdefault("ratio", tokens.keep_ratio)
     if tokens.selector != "label_mask":
         params.setdefault("scope", tokens.scope)
+    # Each error names the key that fixes it (selector_params, schedule_params, the reference's key).
     try:
         selector = make_selector(tokens.selector, **params)
+    except ValueError as err:
+        raise ConfigError(f"tokens.selector_params: {err}") from None
+    try:
         schedule_params = dict(tokens.schedule_params)
         if tokens.schedule == "constant":
             schedule_params.setdefault("value", tokens.keep_ratio)
         else:
             schedule_params.setdefault("start", tokens.keep_ratio)
         schedule = make_schedule(tokens.schedule, **schedule_params)
+    except ValueError as err:
+        raise ConfigError(f"tokens.schedule_params: {err}") from None
+    _check_schedule_range(schedule, context.config.train.steps, tokens)
+    try:
         reference = _reference_source(tokens, context)
-    except (ValueError, ReferenceScoresError) as err:
-        raise ConfigError(f"tokens: {err}") from None
+    except (ValueError, OSError, ReferenceScoresError) as err:
+        key = "reference_scores" if tokens.reference_scores else "reference_model"
+        raise ConfigError(f"tokens.{key}: {err}".replace("\n", " ")) from None
+    _check_attention_backend(tokens.attention, context.device)
     ratio_driven = tokens.selector not in ("label_mask", "threshold")
     loss = TokenFilterLoss(
         selector=selector, dense_loss=context.loss_fn, schedule=schedule if ratio_driven else None,
         total_steps=context.config.train.steps, reference=reference, ratio_driven=ratio_driven, across_ranks=True,
     )
-    centrifuge.apply(context.model, mode=tokens.mode, attention=tokens.attention, compile=tokens.compile)
+    try:
+        centrifuge.apply(context.model, mode=tokens.mode, attention=tokens.attention, compile=tokens.compile)
+    except centrifuge.UnsupportedModelError as err:
+        raise ConfigError(f"token filtering cannot patch this model: {err}; train it densely with "
+                          "--set tokens.keep_ratio=1.0, or pick a supported model with model.path / model.preset") \
+            from None
     context.loss_fn = loss
     if ratio_driven:
         context.hooks.before_forward.append(lambda step: loss.set_step(step - 1))  # train_step counts from 1

@@ -29,7 +29,9 @@ changes nothing. Pickle is never used (no ``torch.load``).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -49,7 +51,8 @@ from torch import nn
 from centrifuge.train import distributed
 from centrifuge.train.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file listed with size and sha256; 1 (sizes of the tensor files only) still loads
+_READABLE_VERSIONS = (1, 2)
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -125,18 +128,20 @@ def save_checkpoint(
         if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
             model.config.to_json_file(os.path.join(tmp, "config.json"))
         if tokenizer_dir is not None:
-            for name in sorted(os.listdir(tokenizer_dir)):
-                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+            for name in tokenizer_files(tokenizer_dir):  # plain files only: no symlink is followed
+                shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name), follow_symlinks=False)
         by_name = _optimizer_by_name(model, optimizer) if full_optim is None else _named_full_optimizer(full_optim)
         groups, scalars = _save_optimizer(*by_name, os.path.join(tmp, OPTIMIZER_FILE))
         save_file(rng, os.path.join(tmp, RNG_FILE))
-        names = [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE]
         plugin_tensors = {f"{plugin}{_SEP}{key}": t.detach().contiguous().cpu()
                           for plugin, tensors in (plugin_state or {}).items() for key, t in tensors.items()}
         if plugin_tensors:
             save_file(plugin_tensors, os.path.join(tmp, PLUGINS_FILE))
-            names.append(PLUGINS_FILE)
-        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in names}
+        # Every file of the checkpoint (weights, optimizer, RNG, plug-ins, config.json, tokenizer) with its
+        # size and sha256, verified on resume before anything is loaded. Hashing reads each file once more
+        # (from the page cache, ~1 GB/s), at every save and once on resume.
+        files = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256_file(os.path.join(tmp, n))}
+                 for n in sorted(os.listdir(tmp))}
         state = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -246,11 +251,16 @@ def _without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def read_state(ckpt_dir: str) -> dict[str, Any]:
-    """``state.json`` of a checkpoint, after checking that every file it lists is there in full."""
+def read_state(ckpt_dir: str, *, verify: bool = False) -> dict[str, Any]:
+    """``state.json`` of a checkpoint, after checking its fields' types and that every file it lists is
+    there in full (a plain file: no symlink, no path outside the checkpoint); with ``verify`` also each
+    file's sha256. Raises ``CheckpointError``; reads nothing but JSON and (with ``verify``) file bytes."""
     state_path = os.path.join(ckpt_dir, STATE_FILE)
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
+    if os.path.islink(ckpt_dir) or os.path.islink(state_path):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is a symbolic link or holds one ({STATE_FILE}); "
+                              "a checkpoint must hold its own files")
     try:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
@@ -258,16 +268,128 @@ def read_state(ckpt_dir: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {STATE_FILE} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {STATE_FILE} is not valid JSON ({err})") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: cannot read {STATE_FILE} ({err.strerror})") from None
+    if not isinstance(state, dict) or state.get("format_version") not in _READABLE_VERSIONS:
         raise CheckpointError(f"checkpoint {ckpt_dir}: unknown format (expected format_version {FORMAT_VERSION})")
-    for name, size in state.get("files", {}).items():
+    _check_state_fields(ckpt_dir, state)
+    for name, entry in state["files"].items():
         path = os.path.join(ckpt_dir, name)
+        if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} is not a plain file")
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
+        size = entry if isinstance(entry, int) else entry["size"]
         actual = os.path.getsize(path)
         if actual != size:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} has {actual} bytes, {size} were written")
+        if verify and isinstance(entry, dict) and _sha256_file(path) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} does not match the sha256 recorded "
+                                  f"in {STATE_FILE} (the file changed after it was written)")
     return state
+
+
+def _check_state_fields(ckpt_dir: str, state: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` unless the fields a resume reads have the types ``save_checkpoint`` writes.
+
+    ``state.json`` is data from disk: a wrong type must end in one clear error here, before anything is
+    written, not in a traceback in the middle of the run. The RNG states are tried on throw-away generators."""
+
+    def bad(what: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {STATE_FILE} {what} (got {_short(value)})")
+
+    def integer(key: str, low: int) -> None:
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise bad(f"{key!r} must be an integer >= {low}", value)
+
+    integer("step", 0)
+    state.setdefault("world_size", 1)
+    integer("world_size", 1)
+    files = state.get("files")
+    if not isinstance(files, dict):
+        raise bad("'files' must map file names to sizes", files)
+    for name, entry in files.items():
+        if not _plain_name(name):
+            raise bad("'files' may only name files inside the checkpoint (no '/', '..' or absolute path)", name)
+        if state["format_version"] == 1:
+            ok = isinstance(entry, int) and not isinstance(entry, bool) and entry >= 0
+        else:
+            ok = (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
+                  and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
+        if not ok:
+            raise bad(f"'files' entry of {name} must be " + ("a size" if state["format_version"] == 1
+                                                           else "{size, sha256}"), entry)
+    required = [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE]
+    if state["format_version"] >= 2 and (missing := [n for n in required if n not in files]):
+        raise bad(f"'files' does not list {', '.join(missing)}", sorted(files))
+    # The caller's `extra` keys (`centrifuge train`'s): checked when present; the sampler checks its own.
+    for key in ("config", "scheduler", "first_eval", "last_eval", "sampler"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise bad(f"{key!r} must be a mapping", state[key])
+    for key in ("first_eval", "last_eval"):
+        point = state.get(key)
+        if point and not (isinstance(point.get("step"), int) and isinstance(point.get("tokens"), int)
+                          and isinstance(point.get("loss"), (int, float))):
+            raise bad(f"{key!r} must hold step, loss and tokens", point)
+    if not isinstance(state.get("seconds", 0.0), (int, float)) or isinstance(state.get("seconds"), bool):
+        raise bad("'seconds' must be a number", state.get("seconds"))
+    groups = state.get("optimizer_groups")
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                        for g in groups)):
+        raise bad("'optimizer_groups' must be a list of groups with 'params'", groups)
+    for group in groups:
+        for key, value in group.items():
+            if key in ("lr", "eps", "weight_decay", "initial_lr") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                raise bad(f"optimizer group {key!r} must be a finite number", value)
+            if key == "betas" and not (isinstance(value, list) and len(value) == 2
+                                       and all(isinstance(b, (int, float)) for b in value)):
+                raise bad("optimizer group 'betas' must be two numbers", value)
+    if not isinstance(state.get("optimizer_scalars", {}), dict):
+        raise bad("'optimizer_scalars' must be a mapping", state.get("optimizer_scalars"))
+    try:  # the exact checks random / numpy make, on generators nobody uses
+        if state.get("python_rng") is not None:
+            version, internal, gauss = state["python_rng"]
+            random.Random().setstate((version, tuple(internal), gauss))
+        if state.get("numpy_rng") is not None:
+            kind, keys, pos, has_gauss, cached = state["numpy_rng"]
+            np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    except (TypeError, ValueError, OverflowError) as err:
+        raise bad(f"python_rng / numpy_rng is not a random generator state ({err})", "…") from None
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name that stays inside its directory: no separator, not '.', '..' or empty, not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name))
+
+
+def tokenizer_files(directory: str) -> list[str]:
+    """The file names of a run's ``tokenizer/`` directory, sorted; ``CheckpointError`` when it holds
+    anything but plain files (a symlink would copy its target into every checkpoint, a subdirectory
+    would crash the first checkpoint)."""
+    names = sorted(os.listdir(directory))
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            kind = "a symbolic link" if os.path.islink(path) else "not a plain file"
+            raise CheckpointError(f"{directory} holds {name}, which is {kind}; a run's tokenizer directory may "
+                                  "hold only the tokenizer's own files")
+    return names
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_checkpoint(
@@ -280,7 +402,7 @@ def load_checkpoint(
 
     Everything is validated before anything is modified. RNG states are not applied here: call
     ``restore_rng(state)`` right before training resumes, after anything else that draws random numbers."""
-    state = read_state(ckpt_dir)
+    state = read_state(ckpt_dir, verify=True)  # sha256 of every file before any of them is parsed
     check_world_size(ckpt_dir, state)
     model = distributed.unwrap(model)
     model_shapes = _header_shapes(ckpt_dir, MODEL_FILE)
@@ -303,6 +425,9 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {err}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds another model ({missing or unexpected})")
+    _check_rng_tensors(ckpt_dir, rng_tensors)
+    if scheduler is not None and state.get("scheduler") is not None:
+        _check_scheduler_state(ckpt_dir, scheduler, state["scheduler"])
     if sharded:
         _load_sharded(model, optimizer, state, weights, optim_tensors)
     else:
@@ -311,6 +436,41 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     state["_rng_tensors"] = rng_tensors  # for restore_rng, once every random init is done
     return state
+
+
+def _check_rng_tensors(ckpt_dir: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Every torch CPU generator state of ``rng.safetensors`` must be one ``torch.set_rng_state`` accepts
+    (tried on a throw-away generator), so that ``restore_rng`` cannot fail once the run has written files."""
+    cpu = {k: v for k, v in tensors.items() if k.split("/")[-1] == "torch_cpu"}
+    if "torch_cpu" not in cpu:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {RNG_FILE} has no torch_cpu state")
+    for key, value in cpu.items():
+        try:
+            torch.Generator().set_state(value)
+        except (RuntimeError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {RNG_FILE} {key} is not a generator state "
+                                  f"({' '.join(str(err).split())})") from None
+
+
+def _check_scheduler_state(ckpt_dir: str, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           saved: dict[str, Any]) -> None:
+    """The saved scheduler state must have exactly this scheduler's keys, each of the same JSON kind:
+    ``load_state_dict`` sets every key as an attribute, so anything else would break the run later."""
+    current = _json_able(scheduler.state_dict())
+    if set(saved) != set(current):
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: its scheduler state has keys {sorted(saved)}, "
+                              f"expected {sorted(current)}")
+    for key, value in current.items():
+        number = (int, float)
+        same = (isinstance(saved[key], number) and not isinstance(saved[key], bool)) if isinstance(value, number) \
+            and not isinstance(value, bool) else type(saved[key]) is type(value)
+        if key == "lr_lambdas":  # LambdaLR copies dict entries into its functions' __dict__: accept none
+            same = saved[key] == value
+        elif key in ("base_lrs", "_last_lr"):
+            same = same and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                for v in saved[key])
+        if not same:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: scheduler {key!r} is {_short(saved[key])}")
 
 
 def check_world_size(ckpt_dir: str, state: dict[str, Any]) -> None:

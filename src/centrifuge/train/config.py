@@ -36,6 +36,9 @@ from centrifuge.train.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------- sections
 
+FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, without importing torch here
+REFERENCE_SELECTORS = ("excess_loss", "reference_loss", "threshold")  # selectors that read reference losses
+
 
 @dataclass
 class ModelSection:
@@ -58,6 +61,12 @@ class ModelSection:
             )
         if self.path is not None and self.overrides:
             raise ConfigError("model.overrides applies to presets only, not to a model from model.path")
+        # "org/repo" names a Hub kernel, which transformers downloads and runs as code: never from a config
+        # (which may come from a run directory); only the built-in attention implementations.
+        if not re.fullmatch(r"[a-z0-9_|]+", self.attn_implementation):
+            raise ConfigError(f"model.attn_implementation {self.attn_implementation!r}: only built-in "
+                              "implementations (sdpa, eager, flash_attention_2, flex_attention, ...) are loaded; "
+                              "Hub kernels ('org/repo') run downloaded code")
 
 
 @dataclass
@@ -110,12 +119,19 @@ class TrainSection:
         _require(self.batch_size >= 1, "train.batch_size", "must be at least 1", self.batch_size)
         _require(self.grad_accum >= 1, "train.grad_accum", "must be at least 1", self.grad_accum)
         _require(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be a positive number", self.lr)
+        # AdamW multiplies every decayed weight by (1 - lr * weight_decay) each step: at 1 or more the
+        # weights flip sign or vanish every step, which no run means to do.
+        _require(self.lr * self.weight_decay < 1.0, "train.weight_decay",
+                 f"times train.lr ({self.lr:g}) must be below 1 (AdamW scales weights by 1 - lr * weight_decay)",
+                 self.weight_decay)
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", self.warmup_steps)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
         _require(0.0 <= self.beta1 < 1.0, "train.beta1", "must be in [0, 1)", self.beta1)
         _require(0.0 <= self.beta2 < 1.0, "train.beta2", "must be in [0, 1)", self.beta2)
-        _require(self.eps > 0, "train.eps", "must be > 0", self.eps)
+        # AdamW's state is float32: a smaller eps rounds to 0 there and the update divides by zero.
+        _require(self.eps >= FLOAT32_TINY, "train.eps", f"must be at least {FLOAT32_TINY:.3g} (float32's smallest "
+                 "normal number; AdamW's state is float32)", self.eps)
         _require(
             self.max_grad_norm >= 0,
             "train.max_grad_norm",
@@ -207,13 +223,21 @@ class TokensSection:
         _require_choice(self.attention, "tokens.attention", ["auto", *BACKENDS])
         if self.reference_scores is not None and self.reference_model is not None:
             raise ConfigError("tokens: set reference_scores or reference_model, not both")
-        if self.selector in ("excess_loss", "reference_loss", "threshold") and not (
-            self.reference_scores or self.reference_model
-        ):
+        uses_reference = self.selector in REFERENCE_SELECTORS
+        if uses_reference and not (self.reference_scores or self.reference_model):
             raise ConfigError(
                 f"tokens.selector: {self.selector!r} ranks by a reference model's losses; set "
                 "tokens.reference_scores (from `centrifuge score-reference`) or tokens.reference_model"
             )
+        if not uses_reference and (self.reference_scores or self.reference_model):
+            key = "reference_scores" if self.reference_scores else "reference_model"
+            raise ConfigError(
+                f"tokens.{key} is set but tokens.selector={self.selector!r} does not use reference losses; "
+                f"remove tokens.{key} or set tokens.selector to one of {', '.join(REFERENCE_SELECTORS)}"
+            )
+        if self.selector == "threshold" and "tau" not in self.selector_params:
+            raise ConfigError("tokens.selector 'threshold' keeps tokens whose excess loss exceeds tau; set "
+                              "tokens.selector_params={tau: 0.5} (any number)")
 
 
 @dataclass
@@ -277,6 +301,12 @@ class Config:
     def validate(self) -> None:
         for name in section_names():
             section = getattr(self, name)
+            # NaN and inf pass most range checks (nan >= 0 is False, but inf >= 0 is True): refuse them
+            # once for every float key, before the sections check their ranges.
+            for key, hint in section_keys(type(section)).items():
+                value = getattr(section, key)
+                if _is_float_hint(hint) and isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{name}.{key} must be a finite number (got {value!r})")
             if hasattr(section, "validate"):
                 section.validate()
 
@@ -481,6 +511,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return list(value)
         raise ConfigError(f"{key}: expected a list, got {value!r}")
     return value
+
+
+def _is_float_hint(hint: Any) -> bool:
+    """Whether a key's type hint is ``float`` or ``float | None``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return float in typing.get_args(hint)
+    return hint is float
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:

@@ -118,9 +118,24 @@ def read_documents(cfg: DataSection) -> tuple[list[Document], str]:
     return docs, source
 
 
+def _read_text_file(path: str) -> str:
+    """A data file's text; ``DataError`` when it is not UTF-8 text (e.g. a binary file named ``.txt``),
+    which would otherwise be trained on as replacement characters."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file {path} is not UTF-8 text (invalid byte at offset {err.start}); convert it "
+                        "or remove it from data.path") from None
+    if "\0" in text:
+        raise DataError(f"data file {path} is not text (it holds NUL bytes, offset {text.index(chr(0))}); "
+                        "remove it from data.path")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode open() gave
+
+
 def _read_txt(path: str, split: str) -> list[Document]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    text = _read_text_file(path)
     if split == "paragraph":
         return [text_document(p) for p in re.split(r"\n\s*\n", text) if p.strip()]
     return [text_document(text)]
@@ -144,17 +159,17 @@ def _record_document(record: object, text_field: str, where: str) -> Document | 
 
 def _read_jsonl(path: str, text_field: str) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            doc = _record_document(record, text_field, f"{path}:{lineno}")
-            if doc is not None:
-                docs.append(doc)
+    # split on "\n" only: str.splitlines would also cut at U+2028, which JSON strings may hold raw
+    for lineno, line in enumerate(_read_text_file(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        doc = _record_document(record, text_field, f"{path}:{lineno}")
+        if doc is not None:
+            docs.append(doc)
     return docs
 
 
@@ -372,6 +387,11 @@ class SequenceSampler:
         return {"epoch": self.epoch, "offset": self.offset, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at a saved position; ``DataError`` for another data size or a malformed state."""
+        if not all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
+                   for k in ("epoch", "offset", "n")) or state["offset"] >= max(state["n"], 1):
+            raise DataError(f"the checkpoint's data position is malformed ({state!r}); it is not one this "
+                            "sampler wrote")
         if state.get("n") != self.n:
             raise DataError(
                 f"the checkpoint was made with {state.get('n')} training sequences, this data has "

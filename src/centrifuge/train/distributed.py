@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 from collections.abc import Iterator
 
@@ -90,9 +91,45 @@ def init_distributed(strategy: str, device: torch.device) -> Distributed:
 
 
 def shutdown() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one), and really tear it down now.
+
+    ``destroy_process_group`` only drops torch's registry entries; the gloo process group itself (two worker
+    threads and a TCP loop thread) is destroyed when its last reference goes. After FSDP2, DTensor's global
+    caches keep one: the redistribute planner cache holds planners that hold the ``DeviceMesh`` strongly (its
+    key is only a weak reference), and the mesh holds the group. The group then lived on into interpreter
+    finalization, and tearing gloo's threads down there aborted the process now and then (``terminate
+    called without an active exception``, SIGABRT on one rank, exit status -6 under torchrun). Releasing
+    those caches first lets ``destroy_process_group`` destroy the group here, joining its threads while the
+    interpreter is whole."""
     if dist.is_available() and dist.is_initialized():
+        _release_dtensor_caches()
+        gc.collect()  # the planners and specs form cycles with the meshes
         dist.destroy_process_group()
+        gc.collect()
+
+
+def _release_dtensor_caches() -> None:
+    """Empty DTensor's module-level caches, which hold ``DeviceMesh`` objects (and so process groups).
+    They are private torch APIs that move between versions: each is cleared only where it exists."""
+    try:
+        from torch.distributed.tensor import _redistribute
+    except ImportError:  # no DTensor in this torch: nothing cached
+        return
+    for clear in (
+        getattr(_redistribute, "clear_redistribute_planner_cache", None),
+        getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None),
+    ):
+        if clear is not None:
+            clear()
+    try:
+        from torch.distributed.tensor._collective_utils import MeshTopoInfo
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:
+        return
+    _clear_sharding_prop_cache()
+    build = getattr(MeshTopoInfo, "build_from_mesh", None)
+    if hasattr(build, "cache_clear"):
+        build.cache_clear()
 
 
 def local_share(batch: dict[str, torch.Tensor], info: Distributed) -> dict[str, torch.Tensor]:

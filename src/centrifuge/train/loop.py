@@ -135,8 +135,37 @@ def load_run_config(config_path: str | None, overrides: Sequence[str] = (), *, r
         run_dir = find_run_dir(config.train.out_dir, resume=True)
         saved = ckpt.read_state(ckpt.latest_checkpoint(run_dir)).get("config")
         if isinstance(saved, dict):
+            saved = _without_code_settings(saved, overrides)
             config = config_from_dict(apply_overrides(saved, overrides), source="the checkpoint's config")
     return config
+
+
+def _stated_keys(overrides: Sequence[str]) -> set[str]:
+    """The ``section.key`` names the command line sets (``--set model.overrides.x=1`` sets model.overrides)."""
+    return {".".join(item.partition("=")[0].strip().split(".")[:2]) for item in overrides}
+
+
+def _without_code_settings(saved: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The saved config of a run with ``model.trust_remote_code`` taken from the command line only.
+
+    A run directory is data: whoever can write its ``state.json`` must not be able to make ``--resume`` run
+    Python code. So the saved ``trust_remote_code`` is never used (it becomes false); a run that needs it
+    must be resumed with ``--set model.trust_remote_code=true --set model.path=DIR`` (or a CONFIG file), so
+    that both the permission and the directory whose code runs come from the user. Every other path of the
+    saved config (``model.path``, ``data.path``, ``tokens.reference_*``) is only read as data: config JSON
+    and safetensors weights, never remote code (see ``_check_weights_are_safetensors``)."""
+    stated = _stated_keys(overrides)
+    model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    saved_trust = model.get("trust_remote_code") is True
+    stated_trust = apply_overrides({"model": {}}, overrides)["model"].get("trust_remote_code") is True
+    if (stated_trust and "model.path" not in stated) or (saved_trust and "model.trust_remote_code" not in stated):
+        missing = [key for key in ("model.trust_remote_code", "model.path") if key not in stated]
+        raise ConfigError(
+            "--resume without a CONFIG file takes model.trust_remote_code and the model.path whose code it "
+            f"runs from the command line only, never from the run directory; re-state "
+            f"{' and '.join('--set ' + key + '=...' for key in missing)} (or pass the run's CONFIG file)"
+        )
+    return {**saved, "model": {**model, "trust_remote_code": False}}
 
 
 def find_run_dir(template: str, *, resume: bool) -> str:
@@ -145,6 +174,7 @@ def find_run_dir(template: str, *, resume: bool) -> str:
     With ``resume`` a ``{time}`` template selects the newest run it matches that has a checkpoint."""
     if not resume:
         run_dir = resolve_out_dir(template)
+        _check_writable_dir(run_dir)
         found = ckpt.list_checkpoints(run_dir)
         if found:
             raise ConfigError(
@@ -162,7 +192,27 @@ def find_run_dir(template: str, *, resume: bool) -> str:
     return template
 
 
-def _check_resumable(config: Config, saved: dict[str, Any], where: str) -> list[str]:
+def _check_writable_dir(run_dir: str) -> None:
+    """Refuse a ``train.out_dir`` that cannot become a directory: an existing file (or a file in its path),
+    or a place this user may not write. Checked before anything is written."""
+    path = os.path.abspath(run_dir)
+    while True:
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                what = "is" if path == os.path.abspath(run_dir) else f"is inside {path}, which is"
+                raise ConfigError(f"train.out_dir {run_dir!r} {what} a file, not a directory; "
+                                  "pick another with --set train.out_dir=PATH")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"train.out_dir {run_dir!r}: {path} is not writable; "
+                                  "pick another with --set train.out_dir=PATH")
+            return
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def _check_resumable(config: Config, saved: dict[str, Any], where: str, step: int = 0) -> list[str]:
     """Raise if settings that shape the weights or the data order differ; return notes on other changes."""
     current = config.to_dict()
     fixed = {"model": None, "data": None, "train": ("seed", "batch_size", "grad_accum")}
@@ -174,13 +224,36 @@ def _check_resumable(config: Config, saved: dict[str, Any], where: str) -> list[
                 continue
             change = f"{section}.{key}: {old_values[key]!r} -> {value!r}"
             keys = fixed.get(section, ())
-            (errors if section in fixed and (keys is None or key in keys) else notes).append(change)
+            shapes_run = section in fixed and (keys is None or key in keys) and key != "trust_remote_code"
+            (errors if shapes_run else notes).append(change)
     if errors:
         raise ConfigError(
             f"cannot resume {where}: it was made with other settings ({'; '.join(errors)}); "
             "model, data, seed, batch_size and grad_accum must stay the same"
         )
-    return notes
+    lr_note = _schedule_change_note(config, saved.get("train") or {}, int(step))
+    return notes + ([lr_note] if lr_note else [])
+
+
+def _schedule_change_note(config: Config, saved_train: dict[str, Any], step: int) -> str | None:
+    """A line saying how the learning rate moves when a resume changes the schedule's settings.
+
+    The rule: the schedule is a function of the *current* settings (``lr_factor``); a resumed run continues
+    at its step count on the new curve. Extending ``train.steps`` of a finished run therefore stretches the
+    cosine and the lr jumps back up (defaults: 3.0e-4 at step 30 of 30 -> 1.5e-3 at step 31 of 40); say so."""
+    t = config.train
+    keys = ("steps", "lr", "warmup_steps", "min_lr_ratio")
+    try:
+        old = {key: type(getattr(t, key))(saved_train.get(key, getattr(t, key))) for key in keys}
+    except (TypeError, ValueError):
+        return None
+    if all(old[key] == getattr(t, key) for key in keys) or step < 1:
+        return None
+    last = old["lr"] * lr_factor(step - 1, warmup=old["warmup_steps"], total=old["steps"],
+                                 min_ratio=old["min_lr_ratio"])
+    nxt = t.lr * lr_factor(step, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+    return (f"learning-rate schedule: recomputed for the new train settings (warm-up {t.warmup_steps}, cosine "
+            f"over {t.steps} steps); step {step} ran at lr {last:.3g}, step {step + 1} runs at {nxt:.3g}")
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -211,17 +284,21 @@ def model_config(config: Config) -> Any:
     if m.path is not None:
         if not os.path.isdir(m.path):
             raise ConfigError(f"model.path {m.path!r} is not a directory (hub downloads are not used)")
+        _check_weights_are_safetensors(m.path, "model.path")
         try:
             hf = AutoConfig.from_pretrained(m.path, local_files_only=True, trust_remote_code=m.trust_remote_code)
         except Exception as err:
-            raise ConfigError(f"model.path {m.path!r}: cannot read its config ({err})") from None
+            raise ConfigError(f"model.path {m.path!r}: cannot read its config ({' '.join(str(err).split())})") \
+                from None
         what = f"model.path={m.path}"
     else:
+        _check_override_names(m.preset, m.overrides)
         try:
             hf = preset_config(m.preset, **m.overrides)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"model.overrides: {err}") from None
+        except Exception as err:  # transformers' config validators raise several types
+            raise ConfigError(f"model.overrides: {' '.join(str(err).split())}") from None
         what = f"model.preset={m.preset}"
+    _check_model_sizes(hf, "model.overrides" if m.path is None else f"model.path {m.path!r}")
     max_pos = getattr(hf, "max_position_embeddings", None)
     if max_pos is not None and config.data.seq_len > max_pos:
         raise ConfigError(
@@ -229,6 +306,47 @@ def model_config(config: Config) -> Any:
             f"({what}); lower data.seq_len"
         )
     return hf
+
+
+def _check_weights_are_safetensors(directory: str, key: str) -> None:
+    """Refuse a model directory without ``*.safetensors`` weights: ``transformers`` would fall back to
+    ``pytorch_model.bin``, a pickle, and nothing this tool loads may be unpickled."""
+    if not any(name.endswith(".safetensors") for name in os.listdir(directory)):
+        raise ConfigError(f"{key} {directory!r} has no .safetensors weights (pickled .bin weights are never "
+                          "loaded); convert them to safetensors or point the key at another directory")
+
+
+def _check_override_names(preset: str, overrides: dict[str, Any]) -> None:
+    """Refuse ``model.overrides`` keys that are not fields of the preset's config: Hugging Face configs
+    accept any keyword and keep it as an attribute nobody reads, so a typo would change nothing silently."""
+    import difflib
+
+    from centrifuge.models.presets import preset_config
+
+    fields = preset_config(preset).to_dict()
+    unknown = [key for key in overrides if key not in fields]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model.overrides: {unknown[0]!r} is not a field of the {preset!r} preset's "
+                          f"{fields.get('model_type', '')} config{hint}")
+
+
+# Sizes a causal LM needs at least one of; 0 builds a model that trains nothing (no layers) or crashes.
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "max_position_embeddings")
+
+
+def _check_model_sizes(hf: Any, where: str) -> None:
+    """Every size of ``_POSITIVE_SIZES`` the config has must be a positive integer; query heads must split
+    into the key/value heads (GQA)."""
+    for name in _POSITIVE_SIZES:
+        value = getattr(hf, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: {name} must be a positive integer (got {value!r})")
+    heads, kv = getattr(hf, "num_attention_heads", None), getattr(hf, "num_key_value_heads", None)
+    if heads and kv and heads % kv:
+        raise ConfigError(f"{where}: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
 
 
 def build_model(config: Config, hf_config: Any) -> nn.Module:
@@ -281,9 +399,10 @@ def obtain_tokenizer(
     """The run's tokenizer and a line describing it. A resumed run reuses the one saved in its run dir."""
     if resume:
         path = os.path.join(run_dir, TOKENIZER_DIR)
-        if not os.path.isdir(path):
+        if not os.path.isdir(path) or os.path.islink(path):
             raise CheckpointError(f"cannot resume {run_dir}: its {TOKENIZER_DIR}/ directory is missing")
-        tokenizer, how = load_tokenizer(path), f"from {path}"
+        ckpt.tokenizer_files(path)  # plain files only: it is copied into every checkpoint
+        tokenizer, how = load_run_tokenizer(path), f"from {path}"
     else:
         choice = config.data.tokenizer
         if choice == "auto":
@@ -303,6 +422,29 @@ def obtain_tokenizer(
     if tokenizer.vocab_size > vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}")
     return tokenizer, f"{tokenizer.vocab_size} tokens, {how}"
+
+
+def load_run_tokenizer(directory: str) -> TextTokenizer:
+    """The tokenizer a run saved in its ``tokenizer/`` directory, read as data only: ``tokenizer.json``
+    through the ``tokenizers`` library and the end-of-text token from ``tokenizer_config.json``, with no
+    ``transformers`` class chosen by the files (a run directory decides no code)."""
+    import json
+
+    import tokenizers
+
+    file = os.path.join(directory, "tokenizer.json")
+    try:
+        backend = tokenizers.Tokenizer.from_file(file)
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token")
+    except Exception as err:
+        raise CheckpointError(f"cannot read the run's tokenizer in {directory} ({' '.join(str(err).split())})") \
+            from None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos_id = backend.token_to_id(eos) if isinstance(eos, str) else None
+    if eos_id is None:
+        raise CheckpointError(f"the run's tokenizer in {directory} names no end-of-text token it knows ({eos!r})")
+    return TextTokenizer(backend, eos_id)
 
 
 def busy_cpu_note(device: torch.device) -> str | None:
@@ -392,19 +534,29 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
         ckpt.check_world_size(resume_from, state)
-        notes = _check_resumable(config, state.get("config") or {}, resume_from)
+        notes = _check_resumable(config, state.get("config") or {}, resume_from, state["step"])
     hf_config = model_config(config)
     docs, source = read_documents(config.data)
     train_docs, eval_docs = split_documents(docs, config.data.eval_fraction, seed=config.train.seed)
 
+    if config.tokens.reference_model and os.path.isdir(config.tokens.reference_model):
+        _check_weights_are_safetensors(config.tokens.reference_model, "tokens.reference_model")
+
     seed_everything(config.train.seed)
-    model = build_model(config, hf_config).to(device)
+    try:
+        model = build_model(config, hf_config).to(device)
+    except Exception as err:  # a config transformers accepts but cannot build, unreadable weights, ...
+        key = "model.path" if config.model.path is not None else "model.overrides"
+        raise ConfigError(f"{key}: cannot build the model ({' '.join(str(err).split())})") from None
     model.train()
     train_model = distributed.wrap_model(model, info)  # FSDP2 shards `model` in place: optimizer after it
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
+        if not weights_finite(model, info):  # e.g. written by a version that did not check before saving
+            raise CheckpointError(f"checkpoint {resume_from} holds NaN or inf weights; resume from an earlier "
+                                  "checkpoint (move this one out of checkpoints/)")
     vocab_size = int(model.get_input_embeddings().weight.shape[0])
     tokenizer, tokenizer_note = obtain_tokenizer(config, train_docs, vocab_size, run_dir=run_dir, resume=resume)
     data = build_datasets(train_docs, eval_docs, tokenizer, seq_len=config.data.seq_len, source=source,
@@ -472,6 +624,13 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         return point
 
     def save(step: int) -> str:
+        if not weights_finite(ctx.model, run.dist):
+            where = f"the last good checkpoint is {saved_path}" if saved_path else "no checkpoint was saved"
+            raise TrainingStoppedError(
+                f"the weights hold NaN or inf after step {step} (loss and gradient norm were finite: the optimizer "
+                f"step itself overflowed; lower train.lr or set train.max_grad_norm > 0); this step is not saved; "
+                f"{where}"
+            )
         extra = {
             "sampler": run.sampler.state_dict(),
             "config": _resolved(config, run.run_dir).to_dict(),
@@ -555,6 +714,30 @@ def _write_plot(say: Callable[[str], None], run_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def weights_finite(model: nn.Module, info: distributed.Distributed) -> bool:
+    """Whether every parameter is finite: one fused max-abs per tensor (``_foreach_norm``, inf-norm: NaN or
+    inf in a tensor makes its value non-finite, and unlike the 2-norm it cannot overflow), one host read.
+
+    Called only before a checkpoint is written, never per step: a step whose loss or gradient norm is
+    non-finite already stops the run (``train_step`` reads both at its one host sync), and weights the
+    optimizer made non-finite give a non-finite loss at the next step; so only the checkpoint written
+    right after such a step could hold bad weights, and this check, at checkpoint steps only, costs the
+    GPU step nothing. Under FSDP2 each rank checks its shards and the ranks agree (a collective: every
+    rank calls this, as every rank calls ``save_checkpoint``)."""
+    params = [p.detach() for p in model.parameters()]
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    params = [p for p in params if p.numel()]
+    device = params[0].device if params else torch.device("cpu")
+    norms = [n.float() for n in torch._foreach_norm(params, math.inf)]  # .float(): bf16 and fp32 in one stack
+    ok = torch.stack(norms).isfinite().all() if params else torch.tensor(True)
+    flag = ok.to(device=_collective_device(info) if info.enabled else device, dtype=torch.int32)
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def start_distributed(config: Config) -> tuple[torch.device, distributed.Distributed]:
@@ -659,6 +842,8 @@ def _print_header(say: Callable[[str], None], run: PreparedRun) -> None:
     for note in run.notes:
         say(f"  changed since the checkpoint: {note}")
     say(f"model: {what} ({model.config.model_type}, {params / 1e6:.2f}M parameters) on {run.device}, {precision}")
+    code = f"ON: runs Python code from {config.model.path}" if config.model.trust_remote_code else "off"
+    say(f"remote code: {code} (model.trust_remote_code; never taken from a run directory)")
     say(f"tokenizer: {run.tokenizer_note}")
     say("data: " + run.data.describe().replace("\n", "\n      "))
     say(

@@ -49,6 +49,6 @@ def test_setup_line_names_device_attention_backend_and_reference_scores():
     line = setup_line(rho1, CPU, None)
     assert line.startswith("device: cpu (") and "fp32" in line
     assert "attention backward: auto = math on the CPU" in line and "reference scores: runs/rho1/scores" in line
-    unused = setup_line(load_config(None, ["tokens.reference_scores=s/"]), CPU, torch.bfloat16)
-    assert "bf16 autocast" in unused and "(not used by the 'random' selector)" in unused
+    plain = setup_line(load_config(None, []), CPU, torch.bfloat16)
+    assert "bf16 autocast" in plain and "reference scores: none" in plain
     assert "attention" not in setup_line(load_config(None, ["tokens.keep_ratio=1.0"]), CPU, None)

@@ -92,12 +92,9 @@ def setup_line(config, device: torch.device, autocast_dtype: torch.dtype | None)
         else:
             backend = "auto = fused Triton kernels where they apply, else SDPA / flash"
         parts.append(f"attention backward: {backend}")
+        # The config has checked that reference losses are given exactly when the selector uses them.
         reference = t.reference_scores or (f"online model {t.reference_model}" if t.reference_model else None)
-        needs = t.selector in ("excess_loss", "reference_loss", "threshold")
-        parts.append(f"reference scores: {reference}" if reference else
-                     ("reference scores: none" if not needs else "reference scores: MISSING"))
-        if reference and not needs:
-            parts.append(f"(not used by the {t.selector!r} selector)")
+        parts.append(f"reference scores: {reference or 'none'}")
     return " | ".join(parts)
 
 

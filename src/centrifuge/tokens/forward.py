@@ -173,7 +173,7 @@ class LayerCall:
 
     spec: ArchSpec
     step: StepState
-    layer_idx: int
+    layout: TokenLayout  # this layer's attention geometry (its own window)
 
 
 def install_layer_dispatch(layer: nn.Module) -> None:
@@ -197,7 +197,7 @@ def install_layer_dispatch(layer: nn.Module) -> None:
             return own(*args, **kwargs) if had_instance_forward else type(self).forward(self, *args, **kwargs)
         (h,) = args
         call = _centrifuge_step
-        return token_sparse_layer(h, self, call.spec, call.step, call.layer_idx)
+        return token_sparse_layer(h, self, call.spec, call.step, call.layout)
 
     setattr(layer, _DISPATCH_ATTR, (had_instance_forward, own))
     layer.forward = types.MethodType(forward, layer)
@@ -245,13 +245,15 @@ def fast_forward(
     B, T = batch.B, batch.T
     embeds = inner.embed_tokens(input_ids)  # [B, T, d]
     cos, sin = inner.rotary_emb(embeds, position_ids=batch.position_ids)  # [B, T, D]
-    layout = TokenLayout.build(
+    base = TokenLayout.build(
         batch=B, seqlen=T, device=input_ids.device, attention_mask=attention_mask,
         position_ids=None if attention_mask is not None else position_ids,
-        sliding_window=spec.sliding_window(model.config, 0),
     )
+    # One layout per distinct window, each handed to its layers and saved by their autograd contexts (a
+    # shared layout rewritten per layer gave earlier layers' backward the last layer's window).
+    layouts: dict[int | None, TokenLayout] = {None: base}
     keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
-    step = StepState(layout=layout, cos=cos.reshape(B * T, -1), sin=sin.reshape(B * T, -1), keep=keep_rows,
+    step = StepState(cos=cos.reshape(B * T, -1), sin=sin.reshape(B * T, -1), keep=keep_rows,
                      attention=attention, elementwise=elementwise, backward=backward)
     h = embeds.reshape(B * T, -1)
     if not h.requires_grad:  # frozen embeddings (e.g. LoRA): still drive the layers' backward
@@ -259,17 +261,17 @@ def fast_forward(
     h = DensifyGrad.apply(h)
     for idx, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
         window = spec.sliding_window(model.config, idx)
-        if window != step.layout.sliding_window:
-            step.layout = dataclasses.replace(step.layout, sliding_window=window)
-        h = call_layer(layer, h, LayerCall(spec, step, idx))
+        if window not in layouts:
+            layouts[window] = dataclasses.replace(base, sliding_window=window)
+        h = call_layer(layer, h, LayerCall(spec, step, layouts[window]))
 
     all_loss = None
     if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
         with torch.no_grad():
             all_loss = _score_rows(model, model.model.norm(h), batch.targets)
     if select is not None:
+        # made once, here; it reaches the layers' backward as the row indices of the gradient (GatherRows)
         keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
-        step.keep = keep_rows
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
     loss_sum = _normed_token_loss(model, model.model.norm(h_kept), kept_targets).sum()

@@ -97,39 +97,66 @@ def _value_outputs(spec: ArchSpec) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StepState:
-    """What every layer of one forward needs; created per forward call, passed explicitly.
+    """What every layer of one forward needs, fixed for the whole step (frozen: nothing here changes after the
+    step starts, so a backward can never read a value another layer's forward left behind).
+
+    What differs between layers — the attention geometry (``TokenLayout``: window, segments) — is *not* here:
+    each layer gets its own (``token_sparse_layer``'s ``layout``) and its autograd context saves it.
 
     Attributes:
-        layout: attention visibility of the flattened batch.
         cos, sin: [N, D] rotary tables of the rows.
-        keep: [M] int64 sorted kept row ids, or None until the selection after the forward sets it.
+        keep: [M] int64 sorted kept row ids when the keep set is known before the forward, else None: then the
+            selection after the forward makes it, and it reaches each layer's backward with the gradient
+            itself (the row indices of the row-sparse gradient, ``kept_rows``) — one way, no shared state.
         attention: backend name ("auto", "math", "flash").
         elementwise: "eager" (the HF modules) or "compiled" (``centrifuge.ops.elementwise``).
         backward: "auto" (the hand-written backward where it applies) or "replay" (always the autograd replay).
+        kept_rope: the per-step memo of the kept rows' rotary tables (``KeptRope``).
     """
 
-    layout: TokenLayout
     cos: torch.Tensor
     sin: torch.Tensor
     keep: torch.Tensor | None
     attention: str = "auto"
     elementwise: str = "eager"
     backward: str = "auto"
-    _kept_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    kept_rope: KeptRope = dataclasses.field(default_factory=lambda: KeptRope())
 
-    def require_keep(self) -> torch.Tensor:
-        if self.keep is None:
-            raise RuntimeError("token-sparse backward reached before the keep set was chosen")
-        return self.keep
 
-    def kept_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of the kept rows [M, D], gathered once per step for all layers."""
-        if self._kept_rope is None:
-            keep = self.require_keep()
-            self._kept_rope = (self.cos.index_select(0, keep), self.sin.index_select(0, keep))
-        return self._kept_rope
+class KeptRope:
+    """cos / sin of the kept rows [M, D], gathered once per step for all layers (host time: two gathers per
+    layer saved). A memo of a pure function of the kept rows it is given — not state a backward depends on:
+    a different keep tensor simply gathers again. It holds the kept-rows tensor it gathered for, so that
+    tensor's storage cannot be freed and reused while the memo compares against it."""
+
+    def __init__(self) -> None:
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memo = self._memo
+        if memo is not None and memo[0].shape == keep.shape and (
+                memo[0] is keep or memo[0].data_ptr() == keep.data_ptr()):
+            return memo[1], memo[2]
+        kept = (cos.index_select(0, keep), sin.index_select(0, keep))
+        self._memo = (keep, *kept)
+        return kept
+
+
+def kept_rows(grad: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """The step's kept rows [M] in a layer's backward: ``known`` (saved by the layer's forward when the keep
+    set was known before it), else the row indices of the incoming row-sparse gradient — the selection made
+    after the forward travels down the backward with the gradient (``GatherRows`` starts it)."""
+    if known is not None:
+        return known
+    if not grad.is_sparse:
+        raise RuntimeError("the token-sparse layer's backward got a dense gradient while the keep set was chosen "
+                           "after the forward; the layer output must reach the loss only through the "
+                           "token-sparse step (centrifuge's patched forward)")
+    if not grad.is_coalesced():
+        grad = grad.coalesce()
+    return grad._indices()[0]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -261,13 +288,14 @@ def _autocast_state(device_type: str):
 
 
 class _TokenSparseLayer(torch.autograd.Function):
-    """forward(x, layer, spec, step, layer_idx, prepared, *params): ``prepared`` = ``direct.prepare``'s
+    """forward(x, layer, spec, step, layout, prepared, *params): ``layout`` = this layer's attention geometry
+    (saved in the context: the backward reads nothing the step shares); ``prepared`` = ``direct.prepare``'s
     (modules, parameters) for the hand-written backward (``centrifuge.tokens.direct``), which returns the
     gradients of ``params`` (the layer's parameters, in ``direct.parameters`` order); None = the replay, with
     ``params`` empty (it accumulates them itself)."""
 
     @staticmethod
-    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layer_idx: int, prepared, *params):
+    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layout: TokenLayout, prepared, *params):
         device_type = x.device.type
         use_direct = prepared is not None
         ctx.autocast = _autocast_state(device_type)
@@ -300,10 +328,10 @@ class _TokenSparseLayer(torch.autograd.Function):
 
         ops = ELEMENTWISE[step.elementwise]
         q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record, ops)
-        backend = choose_backend(step.attention, q, step.layout)
+        backend = choose_backend(step.attention, q, layout)
         scale = layer.self_attn.scaling
         with torch.autocast(device_type, enabled=False):  # backends pick their own precision
-            o, aux = backend.forward(q, k, v, step.layout, scale)
+            o, aux = backend.forward(q, k, v, layout, scale)
         y = layer_output(layer, x, o, record, ops)
         if om is not None and om.gathers:
             _observe(om, layer, inputs, o)
@@ -325,7 +353,10 @@ class _TokenSparseLayer(torch.autograd.Function):
         ctx.query_names = list(queries)
         ctx.save_for_backward(*rowwise.values(), *queries.values(), k, v)
         ctx.aux_other = None if isinstance(aux, torch.Tensor) else aux
+        # The layer's own geometry and the step's fixed inputs travel in the context; the kept rows too when
+        # known now (else they arrive with the gradient: ``kept_rows``).
         ctx.layer, ctx.spec, ctx.step, ctx.backend, ctx.scale = layer, spec, step, backend, scale
+        ctx.layout, ctx.keep = layout, step.keep
         ctx.compact = compact
         ctx.plan, ctx.sliced = plan, sliced
         ctx.recompute = value_names if checkpointed else ()
@@ -334,7 +365,8 @@ class _TokenSparseLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         step: StepState = ctx.step
-        keep = step.require_keep()
+        keep = kept_rows(grad_y, ctx.keep)
+        layout: TokenLayout = ctx.layout
         saved = list(ctx.saved_tensors)
         n_row, n_q = len(ctx.rowwise_names), len(ctx.query_names)
         rowwise = dict(zip(ctx.rowwise_names, saved[:n_row], strict=True))
@@ -354,17 +386,18 @@ class _TokenSparseLayer(torch.autograd.Function):
             with torch.autocast(do_k.device.type, enabled=False):  # backends pick their own precision
                 return backend.backward_kept(
                     do_k.to(v_full.dtype), q=q_for_bwd, k=k_full, v=v_full, o=o_for_bwd, aux=aux, keep=keep,
-                    layout=step.layout, scale=ctx.scale, queries_compact=compact_queries,
+                    layout=layout, scale=ctx.scale, queries_compact=compact_queries,
                 )
 
         dy = dense_rows(grad_y, keep)
         layer, spec = ctx.layer, ctx.spec
+        cos_k, sin_k = step.kept_rope.get(step.cos, step.sin, keep)
         if ctx.direct is not None:
             mods, params = ctx.direct
             with torch.autocast(dy.device.type, enabled=False):  # it casts for itself, to ctx.autocast
                 dx, param_grads = direct.backward(
-                    dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=step.kept_rope()[0],
-                    sin=step.kept_rope()[1], attention_backward=attention_backward,
+                    dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=cos_k,
+                    sin=sin_k, attention_backward=attention_backward,
                     ops=ELEMENTWISE[step.elementwise], params=params, compute_dtype=ctx.autocast,
                     sliced=ctx.sliced, mods=mods)
             ctx.sliced = ctx.direct = None
@@ -376,7 +409,7 @@ class _TokenSparseLayer(torch.autograd.Function):
             x = rowwise["x"].detach().requires_grad_(True)
             linear = _saved_linear(rowwise, ctx.plan, ctx.recompute)
             ops = ELEMENTWISE[step.elementwise]
-            q, k, v = attention_inputs(layer, spec, x, *step.kept_rope(), linear, ops)
+            q, k, v = attention_inputs(layer, spec, x, cos_k, sin_k, linear, ops)
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
             y = layer_output(layer, x, o, linear, ops)
             torch.autograd.backward(y, dy.to(y.dtype))
@@ -385,13 +418,16 @@ class _TokenSparseLayer(torch.autograd.Function):
 
 
 def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: StepState,
-                       layer_idx: int) -> torch.Tensor:
+                       layout: TokenLayout) -> torch.Tensor:
     """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d].
+
+    ``layout``: this layer's attention geometry (its own sliding window; layers may differ), saved by the
+    layer's autograd context for its backward.
 
     The backward is the hand-written one (``centrifuge.tokens.direct``) where it applies and ``step.backward``
     allows it, else the autograd replay."""
     prepared = direct.prepare(layer, spec) if step.backward != "replay" else None
     params = [p for _, p in prepared[1]] if prepared is not None else []
-    return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx, prepared, *params)
+    return _TokenSparseLayer.apply(x, layer, spec, step, layout, prepared, *params)
 
 

@@ -126,3 +126,52 @@ def test_mixed_windows_gpu_bf16(order, attention, gen):
     _, got = run_mode(model, "fast", attention=attention, input_ids=ids, labels=ids, keep_mask=keep)
     noise = max_rel_err({n: g.double() for n, g in ref.items()}, ref64)
     assert max_rel_err({n: g.double() for n, g in got.items()}, ref64) < 4 * noise + 1e-2
+
+
+# ------------------------------------------------------------------------------------------------------
+# Packed documents: the patched model attends as the unpatched model does on the same call
+# ------------------------------------------------------------------------------------------------------
+
+
+def _packed(gen, B=2, T=23):
+    ids = torch.randint(0, VOCAB, (B, T), generator=gen)
+    pos = torch.cat([torch.arange(9), torch.arange(5), torch.arange(9)]).expand(B, T).clone()
+    pos[1] = torch.cat([torch.arange(4), torch.arange(19)])
+    return ids, pos
+
+
+def _dense_token_loss(model, ids, pos, **call) -> torch.Tensor:
+    """[B, T] per-token CE of the unpatched model (float64 logits), 0 on the last position (no target)."""
+    logits = model(input_ids=ids, position_ids=pos, **call).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return torch.nn.functional.pad(loss, (0, 1))
+
+
+@pytest.mark.parametrize("call", [{}, {"use_cache": True}, {"use_cache": False}, "checkpointing"])
+def test_packed_documents_follow_the_unpatched_model(call, gen, caplog):
+    """Default call (cache on, no mask): documents see each other in HF's model and in the patched one;
+    ``use_cache=False`` or checkpointing in training (cache off): kept apart in both."""
+    model = tiny_model("llama")
+    assert model.config.use_cache
+    if call == "checkpointing":
+        enable_activation_checkpointing(model)
+        model.train()
+        call = {}
+    separated = call.get("use_cache") is False or model.model.gradient_checkpointing
+    ids, pos = _packed(gen)
+    keep = torch.rand(ids.shape, generator=gen) < 0.47
+    dense = _dense_token_loss(model, ids, pos, **call).detach()  # grad on: HF's checkpointing rule needs it
+    inputs = dict(input_ids=ids, position_ids=pos, labels=ids, keep_mask=keep, **call)
+    ref_out, ref = run_mode(model, "reference", return_token_loss=True, **inputs)
+    with caplog.at_level("WARNING", logger="centrifuge"):
+        out, got = run_mode(model, "fast", return_token_loss=True, **inputs)
+    assert torch.allclose(out.token_loss.double(), dense, rtol=0, atol=1e-6)  # token_loss is fp32
+    assert torch.allclose(ref_out.token_loss.double(), dense, rtol=0, atol=1e-6)
+    assert max_rel_err(got, ref) < 1e-10
+    with torch.no_grad():  # the setting matters (no grad: HF's checkpointing does not turn the cache off)
+        other = _dense_token_loss(model, ids, pos, use_cache=separated)
+    assert (other - dense).abs().max() > 1e-4
+    if not separated:
+        import centrifuge.tokens.forward as fwd
+
+        assert fwd._warned_packed_with_cache

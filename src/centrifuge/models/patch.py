@@ -115,7 +115,6 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
         unknown = set(kwargs) - {"input_ids", "attention_mask", "position_ids", "labels", "use_cache"}
         if unknown:
             raise TypeError(f"unsupported arguments with token filtering: {', '.join(sorted(unknown))}")
-        kwargs.pop("use_cache", None)
         return run(self, spec, keep_mask=keep_mask, select=select, num_items_in_batch=num_items_in_batch,
                    return_token_loss=return_token_loss, **kwargs)
 

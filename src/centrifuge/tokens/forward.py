@@ -14,6 +14,14 @@ The keep set arrives one of two ways: ``keep_mask`` [B, T] before the forward, o
 ``select(scores=token_loss [B, T] fp32, valid=[B, T] bool) -> keep [B, T] bool`` called after the
 forward on the current model's per-token loss (exact Rho-1 scoring).
 
+Packed documents (``position_ids`` that restart, no ``attention_mask``) follow one rule: **the patched model
+attends exactly as the unpatched model does on the same call** (``separate_documents``). Hugging Face keeps
+packed documents apart only when no KV cache is in use — ``use_cache=False`` passed, or ``config.use_cache``
+off, or activation checkpointing in training (which turns the cache off); with the cache on (the default of a
+plain ``model(input_ids=..., position_ids=...)`` call) its mask is plain causal over the whole row and the
+documents see each other. Centrifuge then does the same, and logs a warning once, since it is rarely wanted:
+pass ``use_cache=False`` (or a 2-D ``attention_mask`` per document row) to keep documents apart.
+
 Conventions: positions are *prediction positions*: row t predicts ``labels[t + 1]`` (HF's shift), so
 ``keep_mask[b, t]`` keeps the prediction made at t. Padding is never kept; tokens without a label may be
 kept (their keys and values then stay trainable) but never count in the loss. Selectors keep only labelled
@@ -23,6 +31,7 @@ tokens.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 from collections.abc import Callable
 
@@ -38,6 +47,7 @@ from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss,
 from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState, token_sparse_layer
 from centrifuge.tokens.layout import TokenLayout
 
+log = logging.getLogger("centrifuge")
 Selector = Callable[..., torch.Tensor]
 MODES = ("fast", "reference", "loss_only")
 
@@ -98,6 +108,38 @@ def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> t
     if keep.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor, got dtype {keep.dtype}")
     return keep
+
+
+def separate_documents(model: nn.Module, *, attention_mask, position_ids, use_cache: bool | None) -> bool:
+    """Whether restarting ``position_ids`` start new attention segments on this call — exactly when the
+    unpatched HF model's mask would do it: no 2-D ``attention_mask`` and no KV cache. The cache is on when
+    ``use_cache`` is True, or None with ``config.use_cache`` on, unless activation checkpointing turns it off
+    (training with grad enabled), as HF's forward does.
+
+    Warns once when documents are packed but, as in the unpatched model, attend to each other."""
+    if attention_mask is not None or position_ids is None:
+        return False  # nothing to detect: one segment per row (the 2-D mask's padding rules apply)
+    cache = use_cache if use_cache is not None else bool(getattr(model.config, "use_cache", False))
+    inner = model.model
+    if cache and getattr(inner, "gradient_checkpointing", False) and inner.training and torch.is_grad_enabled():
+        cache = False
+    if not cache:
+        return True
+    if not _warned_packed_with_cache and bool((torch.diff(position_ids, dim=-1) != 1).any()):
+        _warn_packed_with_cache()
+    return False
+
+
+_warned_packed_with_cache = False
+
+
+def _warn_packed_with_cache() -> None:
+    global _warned_packed_with_cache
+    _warned_packed_with_cache = True
+    log.warning(
+        "centrifuge: position_ids restart (packed documents) but the KV cache is on (use_cache=None/True, no "
+        "attention_mask): the documents attend to each other, as in the unpatched Hugging Face model on the same "
+        "call. Pass use_cache=False to keep them apart.")
 
 
 @dataclasses.dataclass
@@ -233,9 +275,11 @@ def fast_forward(
     model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
     keep_mask=None, select: Selector | None = None, num_items_in_batch=None, attention: str = "auto",
     elementwise: str = "eager", backward: str = "auto", return_token_loss: bool = False,
+    use_cache: bool | None = None,
 ) -> TokenFilterOutput:
     """The token-sparse forward (see the module docstring for the arguments; ``elementwise``: "eager",
-    "compiled", or "auto" = compiled on CUDA; ``backward``: "auto" or "replay", see ``centrifuge.apply``)."""
+    "compiled", or "auto" = compiled on CUDA; ``backward``: "auto" or "replay", see ``centrifuge.apply``;
+    ``use_cache``: only decides whether packed documents are kept apart, ``separate_documents``)."""
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
     if elementwise == "auto":
         elementwise = "compiled" if input_ids.is_cuda else "eager"
@@ -247,7 +291,8 @@ def fast_forward(
     cos, sin = inner.rotary_emb(embeds, position_ids=batch.position_ids)  # [B, T, D]
     base = TokenLayout.build(
         batch=B, seqlen=T, device=input_ids.device, attention_mask=attention_mask,
-        position_ids=None if attention_mask is not None else position_ids,
+        position_ids=position_ids if separate_documents(model, attention_mask=attention_mask, position_ids=position_ids,
+                                                        use_cache=use_cache) else None,
     )
     # One layout per distinct window, each handed to its layers and saved by their autograd contexts (a
     # shared layout rewritten per layer gave earlier layers' backward the last layer's window).
@@ -301,28 +346,35 @@ AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention)
 AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)
 
 
-def _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
-    """Final hidden states [N, d] after the final norm, through the HF model's own forward."""
+def _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache=None, **kwargs) -> torch.Tensor:
+    """Final hidden states [N, d] after the final norm, through the HF model's own forward (its own masking
+    rules: ``use_cache`` decides packed-document separation as in the unpatched model; a cache it builds is
+    dropped)."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False, **kwargs)
+                      use_cache=use_cache, **kwargs)
     return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
 
 
 def reference_forward(
     model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
     keep_mask=None, select: Selector | None = None, num_items_in_batch=None, detach_filtered_kv: bool = True,
-    return_token_loss: bool = False, **_ignored,
+    return_token_loss: bool = False, use_cache: bool | None = None, **_ignored,
 ) -> TokenFilterOutput:
     """``reference`` (``detach_filtered_kv=True``) and ``loss_only`` (False) modes."""
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
     if keep_mask is not None:
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
+    # Decided once, here (grad on): HF's own rule depends on grad mode, and the no-grad scoring pass below must
+    # see the same masks as the graded pass. A cache only where documents must not be separated.
+    use_cache = not separate_documents(model, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=use_cache)
+    use_cache = use_cache and attention_mask is None and position_ids is not None
     all_loss = None
     if select is not None or return_token_loss:
         # Selection needs the current model's loss on every token; the reference spends a separate
         # no-grad forward on it (it is an oracle, not a fast path).
         with torch.no_grad():
-            normed = _hf_hidden(model, input_ids, attention_mask, position_ids)
+            normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache)
             all_loss = _score_rows(model, normed, batch.targets)
     if select is not None:
         keep_mask = _select(select, batch, all_loss)
@@ -337,7 +389,7 @@ def reference_forward(
     if detach_filtered_kv and model.config._attn_implementation != REFERENCE_ATTENTION:
         raise RuntimeError("the reference mode needs centrifuge.apply(model, mode='reference'), which selects the "
                            f"{REFERENCE_ATTENTION!r} attention for as long as the model is patched")
-    normed = _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
+    normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache, **kwargs)
     targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
     loss_sum = _normed_token_loss(model, normed, targets).sum()
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)

@@ -93,13 +93,24 @@ def build_model(
     attn_implementation: str = "sdpa",
     seed: int | None = None,
 ) -> torch.nn.Module:
-    """A randomly initialised causal LM from ``config`` (deterministic when ``seed`` is given)."""
+    """A randomly initialised causal LM from ``config`` (deterministic when ``seed`` is given).
+
+    ``attn_implementation="sdpa"`` falls back to "eager" for families whose HF class refuses SDPA (Gemma 2:
+    SDPA cannot soft-cap attention scores)."""
     if seed is not None:
         torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        config, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=False
+        config, dtype=dtype, attn_implementation=_attention_for(config, attn_implementation), trust_remote_code=False
     )
     return model
+
+
+def _attention_for(config: PretrainedConfig, attn_implementation: str) -> str:
+    """``attn_implementation``, or "eager" where it is "sdpa" and the model class does not support SDPA."""
+    if attn_implementation != "sdpa":
+        return attn_implementation
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "eager" if cls is not None and not getattr(cls, "_supports_sdpa", True) else attn_implementation
 
 
 def load_model(
@@ -112,7 +123,8 @@ def load_model(
     """Load a causal LM from a local directory. Refuses hub ids: nothing is downloaded."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist (hub downloads are not used)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation,
+        path, dtype=dtype, attn_implementation=_attention_for(config, attn_implementation),
         trust_remote_code=trust_remote_code, local_files_only=True,
     )

@@ -136,8 +136,9 @@ class Eager:
     def rope(self, spec, q, k, cos, sin):
         return spec.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
 
-    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return mlp.act_fn(gate) * up
+    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor, activation: str = "act_fn") -> torch.Tensor:
+        """act(gate) * up with the MLP's activation module (attribute ``activation``: Phi-3's "activation_fn")."""
+        return getattr(mlp, activation)(gate) * up
 
     # Plain formulas for the hand-written backward (which checks ``is_rms_norm`` / ``is_silu`` first).
     def fn(self, f):
@@ -219,11 +220,13 @@ class Compiled(Eager):
         return _fused(rms_norm)(x, module.weight, module.variance_epsilon)
 
     def rope(self, spec, q, k, cos, sin):
+        if cos.shape[-1] != q.shape[-1]:  # partial rotary (e.g. Phi-3 variants): the model's own function
+            return super().rope(spec, q, k, cos, sin)
         return _fused(rope)(q, k, cos, sin)
 
-    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if not is_silu(mlp):
-            return mlp.act_fn(gate) * up
+    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor, activation: str = "act_fn") -> torch.Tensor:
+        if activation != "act_fn" or not is_silu(mlp):
+            return super().gated(mlp, gate, up, activation)
         return _fused(swiglu)(gate, up)
 
     def fn(self, f):

@@ -88,17 +88,43 @@ def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
-def _score_rows(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_input(model: nn.Module, spec: ArchSpec, normed: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """(rows to multiply by the LM head, final-logit soft-cap or None). A logit divisor (Granite's
+    ``logits_scaling``: logits / s) is applied to the rows instead of the logits — the same product, and the
+    fused / chunked losses stay plain linear + CE."""
+    divisor = spec.scalar(model.config, spec.logits_divisor)
+    if divisor is not None and divisor != 1:
+        normed = normed / divisor
+    return normed, spec.scalar(model.config, spec.final_softcap)
+
+
+def _score_rows(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row CE [R] (fp32), no gradient, of rows already through the final norm (fused on CUDA if liger
     is installed, chunked otherwise)."""
     weight, bias = _lm_head(model)
-    return token_loss_no_grad(normed, weight, targets, bias)
+    rows, softcap = _head_input(model, spec, normed)
+    return token_loss_no_grad(rows, weight, targets, bias, softcap=softcap)
 
 
-def _normed_token_loss(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _normed_token_loss(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor
+                       ) -> torch.Tensor:
     """Per-row CE [R] (fp32, differentiable) of rows already through the final norm."""
     weight, bias = _lm_head(model)
-    return token_loss(normed, weight, targets, bias)
+    rows, softcap = _head_input(model, spec, normed)
+    return token_loss(rows, weight, targets, bias, softcap=softcap)
+
+
+def _rope_tables(inner: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, D] of the model's rotary embedding; per layer type for families whose local and global
+    layers use different tables (Gemma 3: ``rotary_emb(x, pos, layer_type)``; older transformers kept a
+    separate ``rotary_emb_local`` module)."""
+    if layer_type is None:
+        return inner.rotary_emb(embeds, position_ids=position_ids)
+    if hasattr(inner, "rotary_emb_local"):
+        rotary = inner.rotary_emb_local if layer_type == "sliding_attention" else inner.rotary_emb
+        return rotary(embeds, position_ids)
+    return inner.rotary_emb(embeds, position_ids, layer_type)
 
 
 def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -216,6 +242,7 @@ class LayerCall:
     spec: ArchSpec
     step: StepState
     layout: TokenLayout  # this layer's attention geometry (its own window)
+    rope: tuple[torch.Tensor, torch.Tensor]  # this layer's rotary tables cos, sin [N, D]
 
 
 def install_layer_dispatch(layer: nn.Module) -> None:
@@ -239,7 +266,7 @@ def install_layer_dispatch(layer: nn.Module) -> None:
             return own(*args, **kwargs) if had_instance_forward else type(self).forward(self, *args, **kwargs)
         (h,) = args
         call = _centrifuge_step
-        return token_sparse_layer(h, self, call.spec, call.step, call.layout)
+        return token_sparse_layer(h, self, call.spec, call.step, call.layout, call.rope)
 
     setattr(layer, _DISPATCH_ATTR, (had_instance_forward, own))
     layer.forward = types.MethodType(forward, layer)
@@ -287,39 +314,47 @@ def fast_forward(
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
     inner = model.model
     B, T = batch.B, batch.T
-    embeds = inner.embed_tokens(input_ids)  # [B, T, d]
-    cos, sin = inner.rotary_emb(embeds, position_ids=batch.position_ids)  # [B, T, D]
+    embeds = inner.embed_tokens(input_ids)  # [B, T, d] (scaled inside the module where the family does: Gemma)
+    multiplier = spec.scalar(model.config, spec.embedding_multiplier)  # Granite
+    if multiplier is not None:
+        embeds = embeds * multiplier
     base = TokenLayout.build(
         batch=B, seqlen=T, device=input_ids.device, attention_mask=attention_mask,
         position_ids=position_ids if separate_documents(model, attention_mask=attention_mask, position_ids=position_ids,
                                                         use_cache=use_cache) else None,
     )
-    # One layout per distinct window, each handed to its layers and saved by their autograd contexts (a
-    # shared layout rewritten per layer gave earlier layers' backward the last layer's window).
-    layouts: dict[int | None, TokenLayout] = {None: base}
+    # One layout per distinct (window, score soft-cap) and one rotary table per layer type, each handed to its
+    # layers and saved by their autograd contexts (a shared layout rewritten per layer gave earlier layers'
+    # backward the last layer's window).
+    softcap = spec.scalar(model.config, spec.attn_softcap)
+    layouts: dict[tuple, TokenLayout] = {(None, None): base}
+    ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
     keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
-    step = StepState(cos=cos.reshape(B * T, -1), sin=sin.reshape(B * T, -1), keep=keep_rows,
-                     attention=attention, elementwise=elementwise, backward=backward)
+    step = StepState(keep=keep_rows, attention=attention, elementwise=elementwise, backward=backward)
     h = embeds.reshape(B * T, -1)
     if not h.requires_grad:  # frozen embeddings (e.g. LoRA): still drive the layers' backward
         h = h.detach().requires_grad_(True)
     h = DensifyGrad.apply(h)
     for idx, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
-        window = spec.sliding_window(model.config, idx)
-        if window not in layouts:
-            layouts[window] = dataclasses.replace(base, sliding_window=window)
-        h = call_layer(layer, h, LayerCall(spec, step, layouts[window]))
+        geometry = (spec.sliding_window(model.config, idx), softcap)
+        if geometry not in layouts:
+            layouts[geometry] = dataclasses.replace(base, sliding_window=geometry[0], softcap=geometry[1])
+        layer_type = spec.layer_type(model.config, idx)
+        if layer_type not in ropes:
+            cos, sin = _rope_tables(inner, embeds, batch.position_ids, layer_type)
+            ropes[layer_type] = (cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+        h = call_layer(layer, h, LayerCall(spec, step, layouts[geometry], ropes[layer_type]))
 
     all_loss = None
     if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
         with torch.no_grad():
-            all_loss = _score_rows(model, model.model.norm(h), batch.targets)
+            all_loss = _score_rows(model, spec, model.model.norm(h), batch.targets)
     if select is not None:
         # made once, here; it reaches the layers' backward as the row indices of the gradient (GatherRows)
         keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
-    loss_sum = _normed_token_loss(model, model.model.norm(h_kept), kept_targets).sum()
+    loss_sum = _normed_token_loss(model, spec, model.model.norm(h_kept), kept_targets).sum()
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
 
 
@@ -339,7 +374,30 @@ def _reference_attention(module, query, key, value, attention_mask, **kwargs):
         k_mask = keep[:, None, :, None]
         key = torch.where(k_mask, key, key.detach())
         value = torch.where(k_mask, value, value.detach())
+    if kwargs.get("softcap") is not None:  # SDPA has no score soft-capping: the family's eager attention
+        return _eager_softcapped(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _eager_softcapped(module, query, key, value, attention_mask, *, scaling: float, softcap: float,
+                      dropout: float = 0.0, **_ignored):
+    """Attention with soft-capped scores ``c · tanh(s / c)`` (Gemma 2's eager attention, which SDPA cannot
+    do), under the SDPA mask rules (boolean mask, True = visible; None = plain causal). q [B, H, T, D], k / v
+    [B, Hkv, T, D] → [B, T, H, D]. The softmax runs in float32 for 16-bit inputs and in the inputs' dtype
+    otherwise (HF's eager path always uses float32, which would cap a float64 oracle at float32 precision)."""
+    if dropout:
+        raise ValueError("the reference attention runs without dropout; set attention_dropout to 0")
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = softcap * torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap))
+    T_q, T_k = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        attention_mask = torch.ones(T_q, T_k, dtype=torch.bool, device=query.device).tril(T_k - T_q)
+    # the dtype's minimum, not -inf: a query with no visible key (padding) then gets finite garbage, not NaN
+    scores = scores.masked_fill(~attention_mask.bool(), torch.finfo(scores.dtype).min)
+    acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    probs = torch.softmax(scores, dim=-1, dtype=acc).to(value.dtype)
+    return (probs @ value).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention)
@@ -375,7 +433,7 @@ def reference_forward(
         # no-grad forward on it (it is an oracle, not a fast path).
         with torch.no_grad():
             normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache)
-            all_loss = _score_rows(model, normed, batch.targets)
+            all_loss = _score_rows(model, spec, normed, batch.targets)
     if select is not None:
         keep_mask = _select(select, batch, all_loss)
     if keep_mask is None:
@@ -391,5 +449,5 @@ def reference_forward(
                            f"{REFERENCE_ATTENTION!r} attention for as long as the model is patched")
     normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache, **kwargs)
     targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
-    loss_sum = _normed_token_loss(model, normed, targets).sum()
+    loss_sum = _normed_token_loss(model, spec, normed, targets).sum()
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)

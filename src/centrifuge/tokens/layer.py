@@ -59,16 +59,32 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 # --------------------------------------------------------------------------------------------------------
 
 
+def _norm(layer: nn.Module, name: str | None, x: torch.Tensor, ops: Eager) -> torch.Tensor:
+    """The layer's norm ``name`` applied to x (the HF module's own formula, e.g. Gemma's ``(1 + w)``), or x
+    unchanged where the family has no norm at that place (``ArchSpec.norms``)."""
+    return x if name is None else ops.norm(getattr(layer, name), x)
+
+
+def _scaled(t: torch.Tensor, factor: float | None) -> torch.Tensor:
+    return t if factor is None else t * factor
+
+
 def attention_inputs(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, linear: Linear, ops: Eager = EAGER):
     """x [R, d] → q [R, H, D], k [R, Hkv, D], v [R, Hkv, D] after (q/k norm and) RoPE."""
     attn = layer.self_attn
-    D = attn.head_dim
-    n = ops.norm(layer.input_layernorm, x)
-    q = linear(attn.q_proj, n, "q_proj").view(x.shape[0], -1, D)
-    k = linear(attn.k_proj, n, "k_proj").view(x.shape[0], -1, D)
-    v = linear(attn.v_proj, n, "v_proj").view(x.shape[0], -1, D)
-    if spec.qk_norm:
+    D, R = attn.head_dim, x.shape[0]
+    n = _norm(layer, spec.norms[0], x, ops)
+    if spec.fused_qkv:  # [q; k; v] rows of one projection (Phi-3); slicing a linear's output is exact
+        qkv = linear(getattr(attn, spec.fused_qkv), n, spec.fused_qkv)
+        kv = (qkv.shape[-1] - attn.config.num_attention_heads * D) // 2  # (kept) K / V width
+        q, k, v = qkv.split([qkv.shape[-1] - 2 * kv, kv, kv], dim=-1)
+    else:
+        q, k, v = (linear(getattr(attn, name), n, name) for name in ("q_proj", "k_proj", "v_proj"))
+    if spec.qk_norm and spec.qk_norm_flat:  # OLMo 2: one norm over all heads of the projection
+        q, k = ops.norm(attn.q_norm, q), ops.norm(attn.k_norm, k)
+    q, k, v = (t.reshape(R, -1, D) for t in (q, k, v))
+    if spec.qk_norm and not spec.qk_norm_flat:
         q, k = ops.norm(attn.q_norm, q), ops.norm(attn.k_norm, k)
     q, k = ops.rope(spec, q, k, cos, sin)
     # Under autocast the projections are bf16 but fp32 RoPE tables promote q / k to fp32; attention then
@@ -76,20 +92,32 @@ def attention_inputs(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, cos: tor
     return q.to(v.dtype), k.to(v.dtype), v
 
 
-def layer_output(layer: nn.Module, x: torch.Tensor, o: torch.Tensor, linear: Linear,
+def layer_output(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, o: torch.Tensor, linear: Linear,
                  ops: Eager = EAGER) -> torch.Tensor:
     """x [R, d], attention output o [R, H, D] → layer output [R, d]."""
-    h = x + linear(layer.self_attn.o_proj, o.reshape(o.shape[0], -1), "o_proj")
-    n2 = ops.norm(layer.post_attention_layernorm, h)
+    pre_attn, post_attn, pre_mlp, post_mlp = spec.norms
+    del pre_attn  # (attention_inputs')
+    residual = spec.scalar(layer.self_attn.config, spec.residual_multiplier)  # Granite
+    a = _norm(layer, post_attn, linear(layer.self_attn.o_proj, o.reshape(o.shape[0], -1), "o_proj"), ops)
+    h = x + _scaled(a, residual)
+    n2 = _norm(layer, pre_mlp, h, ops)
     mlp = layer.mlp
-    a = ops.gated(mlp, linear(mlp.gate_proj, n2, "gate_proj"), linear(mlp.up_proj, n2, "up_proj"))
-    return h + linear(mlp.down_proj, a, "down_proj")
+    if spec.fused_gate_up:  # [gate; up] rows of one projection (Phi-3)
+        gate, up = linear(getattr(mlp, spec.fused_gate_up), n2, spec.fused_gate_up).chunk(2, dim=-1)
+    else:
+        gate, up = linear(mlp.gate_proj, n2, "gate_proj"), linear(mlp.up_proj, n2, "up_proj")
+    m = _norm(layer, post_mlp, linear(mlp.down_proj, ops.gated(mlp, gate, up, spec.activation), "down_proj"), ops)
+    return h + _scaled(m, residual)
 
 
 # Linear outputs whose *values* the replayed graph needs (their consumers' backward reads them).
 def _value_outputs(spec: ArchSpec) -> tuple[str, ...]:
-    names = ("o_proj", "gate_proj", "up_proj")
-    return names + (("q_proj", "k_proj") if spec.qk_norm else ())
+    names = ("o_proj", spec.fused_gate_up) if spec.fused_gate_up else ("o_proj", "gate_proj", "up_proj")
+    if spec.qk_norm:
+        names += (spec.fused_qkv,) if spec.fused_qkv else ("q_proj", "k_proj")
+    if spec.norms[3] is not None:  # a norm reads the MLP's output
+        names += ("down_proj",)
+    return names
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -106,18 +134,16 @@ class StepState:
     each layer gets its own (``token_sparse_layer``'s ``layout``) and its autograd context saves it.
 
     Attributes:
-        cos, sin: [N, D] rotary tables of the rows.
         keep: [M] int64 sorted kept row ids when the keep set is known before the forward, else None: then the
             selection after the forward makes it, and it reaches each layer's backward with the gradient
             itself (the row indices of the row-sparse gradient, ``kept_rows``) — one way, no shared state.
         attention: backend name ("auto", "math", "flash").
         elementwise: "eager" (the HF modules) or "compiled" (``centrifuge.ops.elementwise``).
         backward: "auto" (the hand-written backward where it applies) or "replay" (always the autograd replay).
-        kept_rope: the per-step memo of the kept rows' rotary tables (``KeptRope``).
+        kept_rope: the per-step memo of the kept rows' rotary tables (``KeptRope``; the full-row tables are
+            per layer: Gemma 3's local and global layers use different ones).
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
     keep: torch.Tensor | None
     attention: str = "auto"
     elementwise: str = "eager"
@@ -126,21 +152,21 @@ class StepState:
 
 
 class KeptRope:
-    """cos / sin of the kept rows [M, D], gathered once per step for all layers (host time: two gathers per
-    layer saved). A memo of a pure function of the kept rows it is given — not state a backward depends on:
-    a different keep tensor simply gathers again. It holds the kept-rows tensor it gathered for, so that
-    tensor's storage cannot be freed and reused while the memo compares against it."""
+    """cos / sin of the kept rows [M, D], gathered once per step and table for all layers (host time: two
+    gathers per layer saved). A memo of a pure function of the (table, kept rows) it is given — not state a
+    backward depends on: a different keep tensor simply gathers again. It holds the tensors it gathered
+    from and for, so their storage cannot be freed and reused while the memo compares against it."""
 
     def __init__(self) -> None:
-        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def get(self, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        memo = self._memo
-        if memo is not None and memo[0].shape == keep.shape and (
-                memo[0] is keep or memo[0].data_ptr() == keep.data_ptr()):
-            return memo[1], memo[2]
+        memo = self._memo.get(id(cos))
+        if memo is not None and memo[0] is cos and memo[1].shape == keep.shape and (
+                memo[1] is keep or memo[1].data_ptr() == keep.data_ptr()):
+            return memo[2], memo[3]
         kept = (cos.index_select(0, keep), sin.index_select(0, keep))
-        self._memo = (keep, *kept)
+        self._memo[id(cos)] = (cos, keep, *kept)
         return kept
 
 
@@ -288,14 +314,15 @@ def _autocast_state(device_type: str):
 
 
 class _TokenSparseLayer(torch.autograd.Function):
-    """forward(x, layer, spec, step, layout, prepared, *params): ``layout`` = this layer's attention geometry
-    (saved in the context: the backward reads nothing the step shares); ``prepared`` = ``direct.prepare``'s
+    """forward(x, layer, spec, step, layout, rope, prepared, *params): ``layout`` = this layer's attention
+    geometry and ``rope`` = its rotary tables (cos, sin [N, D]), both saved in the context (the backward reads
+    nothing the step shares); ``prepared`` = ``direct.prepare``'s
     (modules, parameters) for the hand-written backward (``centrifuge.tokens.direct``), which returns the
     gradients of ``params`` (the layer's parameters, in ``direct.parameters`` order); None = the replay, with
     ``params`` empty (it accumulates them itself)."""
 
     @staticmethod
-    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layout: TokenLayout, prepared, *params):
+    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layout: TokenLayout, rope, prepared, *params):
         device_type = x.device.type
         use_direct = prepared is not None
         ctx.autocast = _autocast_state(device_type)
@@ -327,12 +354,12 @@ class _TokenSparseLayer(torch.autograd.Function):
             return out
 
         ops = ELEMENTWISE[step.elementwise]
-        q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record, ops)
+        q, k, v = attention_inputs(layer, spec, x, *rope, record, ops)
         backend = choose_backend(step.attention, q, layout)
         scale = layer.self_attn.scaling
         with torch.autocast(device_type, enabled=False):  # backends pick their own precision
             o, aux = backend.forward(q, k, v, layout, scale)
-        y = layer_output(layer, x, o, record, ops)
+        y = layer_output(layer, spec, x, o, record, ops)
         if om is not None and om.gathers:
             _observe(om, layer, inputs, o)
         inputs.clear()
@@ -356,7 +383,7 @@ class _TokenSparseLayer(torch.autograd.Function):
         # The layer's own geometry and the step's fixed inputs travel in the context; the kept rows too when
         # known now (else they arrive with the gradient: ``kept_rows``).
         ctx.layer, ctx.spec, ctx.step, ctx.backend, ctx.scale = layer, spec, step, backend, scale
-        ctx.layout, ctx.keep = layout, step.keep
+        ctx.layout, ctx.rope, ctx.keep = layout, rope, step.keep
         ctx.compact = compact
         ctx.plan, ctx.sliced = plan, sliced
         ctx.recompute = value_names if checkpointed else ()
@@ -391,7 +418,7 @@ class _TokenSparseLayer(torch.autograd.Function):
 
         dy = dense_rows(grad_y, keep)
         layer, spec = ctx.layer, ctx.spec
-        cos_k, sin_k = step.kept_rope.get(step.cos, step.sin, keep)
+        cos_k, sin_k = step.kept_rope.get(*ctx.rope, keep)
         if ctx.direct is not None:
             mods, params = ctx.direct
             with torch.autocast(dy.device.type, enabled=False):  # it casts for itself, to ctx.autocast
@@ -401,7 +428,7 @@ class _TokenSparseLayer(torch.autograd.Function):
                     ops=ELEMENTWISE[step.elementwise], params=params, compute_dtype=ctx.autocast,
                     sliced=ctx.sliced, mods=mods)
             ctx.sliced = ctx.direct = None
-            return sparse_rows(dx, keep, grad_y.shape[0]), None, None, None, None, None, *param_grads
+            return sparse_rows(dx, keep, grad_y.shape[0]), None, None, None, None, None, None, *param_grads
         device_type = dy.device.type
         autocast = (torch.autocast(device_type, dtype=ctx.autocast) if ctx.autocast is not None
                     else torch.autocast(device_type, enabled=False))
@@ -411,23 +438,23 @@ class _TokenSparseLayer(torch.autograd.Function):
             ops = ELEMENTWISE[step.elementwise]
             q, k, v = attention_inputs(layer, spec, x, cos_k, sin_k, linear, ops)
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
-            y = layer_output(layer, x, o, linear, ops)
+            y = layer_output(layer, spec, x, o, linear, ops)
             torch.autograd.backward(y, dy.to(y.dtype))
-        return (sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None, None,
+        return (sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None, None, None,
                 *([None] * ctx.num_params))
 
 
 def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: StepState,
-                       layout: TokenLayout) -> torch.Tensor:
+                       layout: TokenLayout, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d].
 
-    ``layout``: this layer's attention geometry (its own sliding window; layers may differ), saved by the
-    layer's autograd context for its backward.
+    ``layout``: this layer's attention geometry (its own sliding window and score soft-cap; layers may
+    differ) and ``rope``: its rotary tables (cos, sin [N, D]), saved by the layer's autograd context.
 
     The backward is the hand-written one (``centrifuge.tokens.direct``) where it applies and ``step.backward``
     allows it, else the autograd replay."""
     prepared = direct.prepare(layer, spec) if step.backward != "replay" else None
     params = [p for _, p in prepared[1]] if prepared is not None else []
-    return _TokenSparseLayer.apply(x, layer, spec, step, layout, prepared, *params)
+    return _TokenSparseLayer.apply(x, layer, spec, step, layout, rope, prepared, *params)
 
 

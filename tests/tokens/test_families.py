@@ -1,0 +1,136 @@
+"""Gemma 2 / 3, OLMo 2, Granite and Phi-3 through the token-sparse fast path, float64, against
+
+* the reference semantics (plain autograd through the HF model with filtered tokens' K/V detached): GQA,
+  odd keep counts, both mask timings, padding, packed documents — to 1e-10;
+* the unpatched HF model itself with every token kept (the fast path's loss and gradients are then ordinary
+  dense training: this also checks the oracle's handling of soft-caps, multipliers and norms).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from family_models import FAMILIES, family_model, float64_gemma_norms  # noqa: F401 (autouse fixture)
+from token_models import VOCAB, grads_of, max_rel_err, run_mode
+
+import centrifuge
+
+TOL = 1e-10
+B, T = 3, 23
+
+
+def _top_11(*, scores, valid):
+    """11 highest-loss positions of the batch (odd count, rows get different counts)."""
+    flat = scores.masked_fill(~valid, float("-inf")).flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.topk(11).indices] = True
+    return keep.view_as(valid) & valid
+
+
+def _compare(model, **inputs):
+    ref_out, ref = run_mode(model, "reference", **inputs)
+    out, got = run_mode(model, "fast", **inputs)
+    assert torch.equal(out.keep_mask, ref_out.keep_mask)
+    assert torch.allclose(out.loss, ref_out.loss, rtol=0, atol=1e-12)
+    assert got.keys() == ref.keys()
+    assert max_rel_err(got, ref) < TOL
+    return out, got, ref
+
+
+@pytest.mark.parametrize("timing", ["before", "after"])
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_fast_equals_reference(model_type, timing, gen):
+    model = family_model(model_type)
+    ids = torch.randint(0, VOCAB, (B, T), generator=gen)
+    sel = {"keep_mask": torch.rand(B, T, generator=gen) < 0.43} if timing == "before" else {"select": _top_11}
+    _, got, ref = _compare(model, input_ids=ids, labels=ids, **sel)
+    if timing == "before":  # the approximation is real: the masked-loss gradient differs
+        _, exact = run_mode(model, "loss_only", input_ids=ids, labels=ids, **sel)
+        assert max_rel_err(exact, ref) > 1e-4
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_padding_and_packed_documents(model_type, gen):
+    model = family_model(model_type, heads=4, kv_heads=1)
+    ids = torch.randint(0, VOCAB, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 17:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
+    keep = torch.rand(B, T, generator=gen) < 0.5
+    _compare(model, input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), keep_mask=keep)
+    pos = torch.cat([torch.arange(10), torch.arange(13)]).expand(B, T).clone()
+    pos[1] = torch.cat([torch.arange(4), torch.arange(6), torch.arange(13)])
+    _compare(model, input_ids=ids, position_ids=pos, labels=ids.masked_fill(pos == 0, -100), keep_mask=keep,
+             use_cache=False)
+
+
+def _dense_float64(model, ids):
+    """Loss (mean CE from the HF model's float64 logits) and gradients of the unpatched model."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, use_cache=False).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    return loss.detach(), grads_of(model)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_keep_all_is_the_hf_model(model_type, gen):
+    model = family_model(model_type)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
+    dense_loss, dense = _dense_float64(model, ids)
+    keep_all = torch.ones_like(ids, dtype=torch.bool)
+    out, got = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=keep_all)
+    # Gemma 2's HF attention is eager with a float32 softmax even for float64 inputs: float32-level agreement
+    tol = 1e-6 if model_type == "gemma2" else TOL
+    assert abs(out.loss.item() - dense_loss.item()) < tol
+    assert max_rel_err(got, dense) < tol
+
+
+def test_gemma2_soft_caps_matter_and_other_backends_refuse(gen):
+    """Gemma 2's soft-caps change the model (so the tests above see them), and a backend that cannot
+    soft-cap attention scores refuses instead of computing another function."""
+    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
+    _, capped = _dense_float64(family_model("gemma2"), ids)
+    _, uncapped = _dense_float64(family_model("gemma2", attn_logit_softcapping=None, final_logit_softcapping=None),
+                                 ids)
+    assert max_rel_err(capped, uncapped) > 1e-2
+    model = family_model("gemma2")
+    keep = torch.rand(2, 19, generator=gen) < 0.5
+    for attention in ("sdpa", "triton"):
+        with pytest.raises(ValueError, match="soft-cap"):
+            run_mode(model, "fast", attention=attention, input_ids=ids, labels=ids, keep_mask=keep)
+    # without the score cap, Gemma 2 runs on the other backends too
+    model = family_model("gemma2", attn_logit_softcapping=None)
+    _, ref = run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)
+    _, got = run_mode(model, "fast", attention="sdpa", input_ids=ids, labels=ids, keep_mask=keep)
+    assert max_rel_err(got, ref) < TOL
+
+
+def test_families_are_registered_and_others_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert set(FAMILIES) <= set(centrifuge.REGISTRY)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(centrifuge.UnsupportedModelError, match="supported families") as err:
+        centrifuge.apply(gpt2)
+    assert all(family in str(err.value) for family in centrifuge.REGISTRY)
+
+
+def test_chunked_loss_with_logit_softcap_equals_reference(gen):
+    """The chunked LM-head loss with Gemma 2's final soft-cap against plain autograd on full logits."""
+    from centrifuge.ops.cross_entropy import chunked_token_loss, reference_token_loss, token_loss_no_grad
+
+    h = torch.randn(37, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(53, 16, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 53, (37,), generator=gen)
+    targets[::5] = -100
+    weights = torch.rand(37, dtype=torch.float64, generator=gen)
+    ref = reference_token_loss(h, w, targets, softcap=1.7)
+    dh, dw = torch.autograd.grad((ref * weights).sum(), (h, w))
+    got = chunked_token_loss(h, w, targets, chunk_size=8, softcap=1.7)
+    gh, gw = torch.autograd.grad((got * weights).sum(), (h, w))
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    assert torch.allclose(gh, dh, rtol=0, atol=1e-12) and torch.allclose(gw, dw, rtol=0, atol=1e-12)
+    assert torch.allclose(token_loss_no_grad(h, w, targets, softcap=1.7).double(), ref, atol=1e-6)
+    assert (reference_token_loss(h, w, targets) - ref).abs().max() > 1e-2  # the cap matters

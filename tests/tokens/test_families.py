@@ -134,3 +134,61 @@ def test_chunked_loss_with_logit_softcap_equals_reference(gen):
     assert torch.allclose(gh, dh, rtol=0, atol=1e-12) and torch.allclose(gw, dw, rtol=0, atol=1e-12)
     assert torch.allclose(token_loss_no_grad(h, w, targets, softcap=1.7).double(), ref, atol=1e-6)
     assert (reference_token_loss(h, w, targets) - ref).abs().max() > 1e-2  # the cap matters
+
+
+# ------------------------------------------------------------------------------------------------------
+# Neuron omission: MLP channels and KV-group heads where the family allows them, a clear refusal elsewhere
+# ------------------------------------------------------------------------------------------------------
+
+OMISSION = {"gemma2": True, "gemma3_text": True, "granite": True, "olmo2": False}  # heads omitted too?
+
+
+def _omission_plan(model, heads: bool):
+    from centrifuge.neurons import LayerPlan, OmissionPlan
+
+    cfg, attn = model.config, model.model.layers[0].self_attn
+    return OmissionPlan(rate=0.5, layers={
+        i: LayerPlan.build(channels=[0, 3, 4, 9, 31, 50, 51, 52, 79], groups=[1] if heads else None,
+                           num_channels=cfg.intermediate_size, num_groups=cfg.num_key_value_heads,
+                           heads_per_group=attn.num_key_value_groups, head_dim=attn.head_dim)
+        for i in range(cfg.num_hidden_layers)})
+
+
+@pytest.mark.parametrize("token_sparse", [False, True])
+@pytest.mark.parametrize("model_type", list(OMISSION))
+def test_omission_equals_reference(model_type, token_sparse, gen):
+    """Sliced omission (alone, or inside the token-sparse step) against the dense model with omitted channels'
+    activations and omitted heads' outputs multiplied by zero."""
+    from centrifuge import neurons
+    from centrifuge.neurons import reference_omission
+
+    heads = OMISSION[model_type]
+    model = family_model(model_type).train()
+    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
+    keep = torch.rand(2, 19, generator=gen) < 0.45
+    plan = _omission_plan(model, heads)
+    omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=8, heads=heads)
+    omitter.set_plan(plan)
+    try:
+        if token_sparse:
+            _, got = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=keep)
+        else:
+            got = _dense_float64(model, ids)[1]
+    finally:
+        omitter.revert()
+    with reference_omission(model, plan):
+        ref = (run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)[1] if token_sparse
+               else _dense_float64(model, ids)[1])
+    assert max_rel_err(got, ref) < (1e-6 if model_type == "gemma2" and not token_sparse else TOL)
+    assert torch.all(got["model.layers.0.mlp.up_proj.weight"][1] == 0)
+    if heads:  # KV group 0 (query heads 0-2) omitted
+        assert torch.all(got["model.layers.1.self_attn.o_proj.weight"][:, :36] == 0)
+
+
+def test_omission_refusals():
+    from centrifuge import neurons
+
+    with pytest.raises(centrifuge.UnsupportedModelError, match="fused projections"):
+        neurons.attach(family_model("phi3"), rate=0.5)
+    with pytest.raises(centrifuge.UnsupportedModelError, match="heads=False"):
+        neurons.attach(family_model("olmo2"), rate=0.5, heads=True)

@@ -21,15 +21,23 @@ FAMILIES: dict[str, dict] = {
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.6, attention_multiplier=0.2,
                     logits_scaling=2.5),
     "phi3": dict(partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # mixture of experts: few, small experts, top-2 / top-3 routing; Qwen3-MoE mixes in a dense layer
+    "qwen3_moe": dict(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+                      mlp_only_layers=[1]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=WINDOW),
+    "olmoe": dict(num_experts=6, num_experts_per_tok=3, intermediate_size=24),
 }
 
 
 def family_model(model_type: str, *, heads: int = 6, kv_heads: int = 2, **kw):
     """A float64 model of ``model_type`` (GQA 6 query / 2 KV heads by default), random init."""
     fields = {**FAMILIES[model_type], **kw}
-    if model_type == "phi3":  # Phi-3's config has no head_dim field: hidden / heads
+    if model_type in ("phi3", "olmoe"):  # head_dim = hidden / heads (Phi-3: no head_dim field; OLMoE: q_norm [hidden])
         fields.setdefault("hidden_size", 12 * heads)
-    return tiny_model(model_type, heads=heads, kv_heads=kv_heads, **fields)
+    model = tiny_model(model_type, heads=heads, kv_heads=kv_heads, **fields)
+    if hasattr(model, "set_experts_implementation") and "num_experts_per_tok" in fields:
+        model.set_experts_implementation("eager")  # float64: the grouped-GEMM experts take fp32 / 16-bit only
+    return model
 
 
 def _norm_in_input_dtype(self, x: torch.Tensor) -> torch.Tensor:

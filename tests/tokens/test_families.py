@@ -192,3 +192,39 @@ def test_omission_refusals():
         neurons.attach(family_model("phi3"), rate=0.5)
     with pytest.raises(centrifuge.UnsupportedModelError, match="heads=False"):
         neurons.attach(family_model("olmo2"), rate=0.5, heads=True)
+
+
+def test_moe_settings_the_step_does_not_compute_are_refused():
+    """The auxiliary load-balancing loss (output_router_logits) and random router jitter are refused with the
+    reason; neuron omission is refused for mixture-of-experts families."""
+    from centrifuge import neurons
+
+    for model_type, setting in (("qwen3_moe", {"output_router_logits": True}),
+                                ("mixtral", {"router_jitter_noise": 0.1})):
+        model = family_model(model_type, **setting)
+        with pytest.raises(centrifuge.UnsupportedModelError, match=next(iter(setting))):
+            centrifuge.apply(model)
+    with pytest.raises(centrifuge.UnsupportedModelError, match="neuron omission"):
+        neurons.attach(family_model("olmoe"), rate=0.5, heads=False)
+
+
+def test_moe_router_and_expert_grads_come_from_kept_rows(gen):
+    """Mixtral, float64: routing is decided in the forward over all rows (no grad); the router and the experts
+    then run with autograd on the kept rows only (the backward's recompute: same inputs, same top-k choice), so
+    their gradients are sums over kept rows — and equal the oracle's."""
+    model = family_model("mixtral")
+    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
+    keep = torch.rand(2, 19, generator=gen) < 0.45
+    calls = []
+    hook = model.model.layers[0].mlp.register_forward_hook(
+        lambda mod, args, out: calls.append((args[0].shape[1], torch.is_grad_enabled())))
+    try:
+        _, got = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=keep)
+    finally:
+        hook.remove()
+    assert calls == [(2 * 19, False), (int(keep.sum()), True)]  # all rows without grad, then kept rows only
+    router = [n for n in got if "mlp.gate" in n]
+    experts = [n for n in got if "mlp.experts" in n]
+    assert router and experts and all(got[n].abs().sum() > 0 for n in router)
+    _, ref = run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)
+    assert max_rel_err({n: got[n] for n in router + experts}, {n: ref[n] for n in router + experts}) < TOL

@@ -10,7 +10,8 @@ small hooks, only where a family differs from Llama:
 * fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``) and the MLP activation's attribute name;
 * scalar multipliers read from the config (Granite's embedding / residual multipliers and logit scaling);
 * logit soft-capping of attention scores and of the LM head's logits (Gemma 2);
-* per-layer attention geometry (sliding / full layers) and per-layer-type rotary tables (Gemma 3).
+* per-layer attention geometry (sliding / full layers) and per-layer-type rotary tables (Gemma 3);
+* mixture-of-experts MLPs (Qwen3-MoE, Mixtral, OLMoE): the HF block runs whole, as a module (``moe``).
 
 Query pre-scaling (Gemma's ``query_pre_attn_scalar``, Granite's ``attention_multiplier``) and embedding scaling
 inside the embedding module (Gemma) need no entry: the recipe reads ``self_attn.scaling`` and calls the
@@ -54,6 +55,10 @@ class ArchSpec:
         rope_by_layer_type: rotary tables differ per layer type (Gemma 3: local and global bases).
         omission: neuron omission support: "all" (MLP channels and KV-group heads), "mlp" (channels only; e.g.
             OLMo 2, whose q/k norm over all heads makes a head's output depend on the omitted heads), or None.
+        moe: layers whose ``mlp`` has ``experts`` are mixture-of-experts blocks, run whole as the HF module
+            (router, top-k, experts). Their routing is per token and dropless (no expert capacity), so a kept
+            row is routed the same in the forward over all rows and in the backward's recompute on kept rows:
+            expert and router gradients come from kept rows only, as the reference semantics ask.
     """
 
     model_type: str
@@ -71,6 +76,7 @@ class ArchSpec:
     attn_softcap: str | None = None
     rope_by_layer_type: bool = False
     omission: str | None = "all"
+    moe: bool = False
 
     @property
     def apply_rotary_pos_emb(self) -> Callable:
@@ -82,7 +88,7 @@ class ArchSpec:
         hand-written backward (``centrifuge.tokens.direct``) computes. Other families use the autograd replay."""
         return (self.norms == PRE_NORMS and not self.qk_norm_flat and self.fused_qkv is None
                 and self.fused_gate_up is None and self.activation == "act_fn" and self.residual_multiplier is None
-                and self.attn_softcap is None)
+                and self.attn_softcap is None and not self.moe)
 
     def scalar(self, config, attr: str | None) -> float | None:
         """The config value named by ``attr`` (a multiplier or soft-cap field), or None."""
@@ -126,6 +132,9 @@ REGISTRY: dict[str, ArchSpec] = {
                  embedding_multiplier="embedding_multiplier", logits_divisor="logits_scaling"),
         ArchSpec("phi3", _hf("phi3"), fused_qkv="qkv_proj", fused_gate_up="gate_up_proj",
                  activation="activation_fn", omission=None),
+        ArchSpec("qwen3_moe", _hf("qwen3_moe"), qk_norm=True, moe=True, omission=None),
+        ArchSpec("mixtral", _hf("mixtral"), moe=True, omission=None),
+        ArchSpec("olmoe", _hf("olmoe"), qk_norm=True, qk_norm_flat=True, moe=True, omission=None),
     )
 }
 
@@ -134,13 +143,21 @@ def layer_attrs(spec: ArchSpec) -> tuple[str, ...]:
     attn = ((f"self_attn.{spec.fused_qkv}",) if spec.fused_qkv else
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
     mlp = (f"mlp.{spec.fused_gate_up}",) if spec.fused_gate_up else ("mlp.gate_proj", "mlp.up_proj")
-    return (tuple(n for n in spec.norms if n is not None) + attn + ("self_attn.o_proj",) + mlp
-            + ("mlp.down_proj", f"mlp.{spec.activation}")
+    mlp += ("mlp.down_proj", f"mlp.{spec.activation}")
+    return (tuple(n for n in spec.norms if n is not None) + attn + ("self_attn.o_proj",)
+            + (("mlp",) if spec.moe else mlp)  # (MoE families: dense and expert layers mix, e.g. Qwen3-MoE)
             + (("self_attn.q_norm", "self_attn.k_norm") if spec.qk_norm else ()))
 
 
-# Dropout the token-sparse step does not run (it would change the function); refused when non-zero.
-_DROPOUTS = ("resid_pdrop", "embd_pdrop")
+# Config settings the token-sparse step does not compute (it would train another function): refused when set.
+_REFUSED = (
+    ("resid_pdrop", "residual dropout"),
+    ("embd_pdrop", "embedding dropout"),
+    ("router_jitter_noise", "router jitter noise (random routing would differ between forward and backward)"),
+    ("clip_qkv", "q/k/v clipping"),
+    ("output_router_logits", "the auxiliary load-balancing loss (router logits output): not implemented for the "
+                             "token-sparse step yet"),
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -165,9 +182,10 @@ def spec_for(model: nn.Module) -> ArchSpec:
     if not hasattr(model, "lm_head"):
         raise UnsupportedModelError(f"{type(model).__name__} has no lm_head")
     spec = REGISTRY[model_type]
-    for name in _DROPOUTS:
-        if getattr(config, name, 0.0):
-            raise UnsupportedModelError(f"{name}={getattr(config, name)} is not supported; set it to 0.0")
+    for name, what in _REFUSED:
+        if getattr(config, name, None):
+            raise UnsupportedModelError(f"config.{name}={getattr(config, name)!r} ({what}) is not supported by "
+                                        f"Centrifuge; unset it (0 / None / False)")
     for layer in inner.layers:
         for attr in layer_attrs(spec):
             obj = layer

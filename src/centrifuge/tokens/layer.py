@@ -102,6 +102,8 @@ def layer_output(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, o: torch.Ten
     h = x + _scaled(a, residual)
     n2 = _norm(layer, pre_mlp, h, ops)
     mlp = layer.mlp
+    if spec.moe and hasattr(mlp, "experts"):  # a mixture-of-experts block, whole (see ArchSpec.moe); [1, R, d]
+        return h + _scaled(_norm(layer, post_mlp, linear(mlp, n2[None], "moe")[0], ops), residual)
     if spec.fused_gate_up:  # [gate; up] rows of one projection (Phi-3)
         gate, up = linear(getattr(mlp, spec.fused_gate_up), n2, spec.fused_gate_up).chunk(2, dim=-1)
     else:

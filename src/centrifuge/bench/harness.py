@@ -31,7 +31,7 @@ GIB = float(1 << 30)
 
 # Layer truncation per preset when --layers is not given (Llama-2-7B width: 8 layers fit one 80 GB GPU with
 # 8×2048 tokens, AdamW states included).
-BENCH_LAYERS: dict[str, int] = {"llama2-7b": 8}
+BENCH_LAYERS: dict[str, int] = {"llama2-7b": 8, "gemma3-4b": 8, "qwen3-moe-30b-a3b": 2}
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}

@@ -33,7 +33,7 @@ def family_model(model_type: str, *, heads: int = 6, kv_heads: int = 2, **kw):
     """A float64 model of ``model_type`` (GQA 6 query / 2 KV heads by default), random init."""
     fields = {**FAMILIES[model_type], **kw}
     if model_type in ("phi3", "olmoe"):  # head_dim = hidden / heads (Phi-3: no head_dim field; OLMoE: q_norm [hidden])
-        fields.setdefault("hidden_size", 12 * heads)
+        fields.setdefault("hidden_size", fields.get("head_dim", 12) * heads)
     model = tiny_model(model_type, heads=heads, kv_heads=kv_heads, **fields)
     if hasattr(model, "set_experts_implementation") and "num_experts_per_tok" in fields:
         model.set_experts_implementation("eager")  # float64: the grouped-GEMM experts take fp32 / 16-bit only

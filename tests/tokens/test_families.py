@@ -228,3 +228,22 @@ def test_moe_router_and_expert_grads_come_from_kept_rows(gen):
     assert router and experts and all(got[n].abs().sum() > 0 for n in router)
     _, ref = run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)
     assert max_rel_err({n: got[n] for n in router + experts}, {n: ref[n] for n in router + experts}) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_families_gpu_bf16(model_type, gen):
+    """CUDA, bf16, default backends (auto attention, compiled element-wise ops): the fast path against the
+    float64 reference, relative to bf16 noise (the bf16 reference against the same float64 one)."""
+    model = family_model(model_type, head_dim=16, heads=4, kv_heads=2).cuda()
+    ids = torch.randint(0, VOCAB, (2, 40), generator=gen).cuda()
+    keep = (torch.rand(2, 40, generator=gen) < 0.43).cuda()
+    _, ref64 = run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)
+    model = model.bfloat16()
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm" if model_type in ("qwen3_moe", "mixtral", "olmoe") else "eager")
+    _, ref = run_mode(model, "reference", input_ids=ids, labels=ids, keep_mask=keep)
+    _, got = run_mode(model, "fast", compile=None, input_ids=ids, labels=ids, keep_mask=keep)
+    noise = max_rel_err({n: g.double() for n, g in ref.items()}, ref64)
+    assert max_rel_err({n: g.double() for n, g in got.items()}, ref64) < 4 * noise + 1e-2

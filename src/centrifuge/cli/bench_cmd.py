@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="model preset(s) (default: tinyllama-1.1b on CUDA, tiny on the CPU)")
     p.add_argument("--layers", nargs="+", default=None, metavar="N|PRESET=N",
                    help="truncate to N decoder layers (all presets, or per preset as PRESET=N); "
-                        "default: llama2-7b=8, others full depth")
+                        "default: llama2-7b=8, gemma3-4b=8, qwen3-moe-30b-a3b=2, others full depth")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
     p.add_argument("--seq", nargs="+", type=int, default=None, metavar="T",
                    help="sequence length(s) (default 2048 on CUDA, 128 on CPU)")

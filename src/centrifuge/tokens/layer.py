@@ -1,7 +1,9 @@
 """The token-sparse decoder layer: full-row forward, backward on kept rows only.
 
-One recipe (``attention_inputs`` + ``layer_output``) describes a Llama-family decoder layer on token rows
-[R, d]. It runs twice with different ways of doing a linear layer and attention:
+One recipe (``attention_inputs`` + ``layer_output``) describes a decoder layer of every registered family on
+token rows [R, d] (where the families differ — norm placement, fused projections, multipliers, mixture-of-
+experts blocks — is read from the ``ArchSpec``). It runs twice with different ways of doing a linear layer
+and attention:
 
 * forward (``_TokenSparseLayer.forward``): on all N rows without autograd, exactly the dense forward,
   saving what the backward needs — all rows when the keep set is decided after the forward (exact Rho-1

@@ -195,12 +195,11 @@ def test_omission_refusals():
 
 
 def test_moe_settings_the_step_does_not_compute_are_refused():
-    """The auxiliary load-balancing loss (output_router_logits) and random router jitter are refused with the
-    reason; neuron omission is refused for mixture-of-experts families."""
+    """Random router jitter and q/k/v clipping are refused with the reason; neuron omission is refused for
+    mixture-of-experts families."""
     from centrifuge import neurons
 
-    for model_type, setting in (("qwen3_moe", {"output_router_logits": True}),
-                                ("mixtral", {"router_jitter_noise": 0.1})):
+    for model_type, setting in (("mixtral", {"router_jitter_noise": 0.1}), ("olmoe", {"clip_qkv": 2.0})):
         model = family_model(model_type, **setting)
         with pytest.raises(centrifuge.UnsupportedModelError, match=next(iter(setting))):
             centrifuge.apply(model)
@@ -259,3 +258,53 @@ def test_activation_checkpointing(model_type, gen):
     ids = torch.randint(0, VOCAB, (2, 21), generator=gen)
     keep = torch.rand(2, 21, generator=gen) < 0.4
     _compare(model, input_ids=ids, labels=ids, keep_mask=keep)
+
+
+MOE = ["qwen3_moe", "mixtral", "olmoe"]
+
+
+@pytest.mark.parametrize("timing", ["before", "after"])
+@pytest.mark.parametrize("model_type", MOE)
+def test_moe_aux_loss_over_counted_tokens(model_type, timing, gen):
+    """With output_router_logits, the load-balancing loss over the counted tokens is added (coef · aux) and its
+    gradient reaches the router (and, through it, the layers below) on kept rows only — as in the oracle."""
+    model = family_model(model_type, output_router_logits=True, router_aux_loss_coef=0.7)
+    ids = torch.randint(0, VOCAB, (B, T), generator=gen)
+    sel = {"keep_mask": torch.rand(B, T, generator=gen) < 0.43} if timing == "before" else {"select": _top_11}
+    ref_out, _ = run_mode(model, "reference", input_ids=ids, labels=ids, **sel)
+    out, got, ref = _compare(model, input_ids=ids, labels=ids, **sel)
+    assert out.aux_loss is not None and abs(out.aux_loss.item() - ref_out.aux_loss.item()) < 1e-12
+    assert torch.allclose(out.loss_sum / out.num_counted, out.loss, rtol=0, atol=1e-12)
+    # the aux loss is really in the gradient: without it the router's gradient differs
+    model.config.output_router_logits = False
+    _, plain = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=out.keep_mask)
+    router = [n for n in got if "mlp.gate" in n]
+    assert max_rel_err({n: plain[n] for n in router}, {n: got[n] for n in router}) > 1e-3
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_moe_aux_loss_keep_all_is_hf_aux_over_labelled_tokens(model_type, gen):
+    """Every token kept: the loss is HF's CE + coef · HF's own load_balancing_loss_func with the labelled
+    positions as its token mask (the last position predicts nothing, so it does not count)."""
+    import importlib
+
+    from centrifuge.models.registry import REGISTRY
+
+    model = family_model(model_type, output_router_logits=True, router_aux_loss_coef=0.7)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=gen)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, use_cache=False, output_router_logits=True)
+    logits = out.logits
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    labelled = torch.ones_like(ids, dtype=torch.float64)
+    labelled[:, -1] = 0
+    hf = importlib.import_module(REGISTRY[model_type].modeling_module)
+    aux = hf.load_balancing_loss_func(out.router_logits, model.num_experts, model.config.num_experts_per_tok,
+                                      labelled)
+    (ce + 0.7 * aux).backward()
+    dense = grads_of(model)
+    fast_out, got = run_mode(model, "fast", input_ids=ids, labels=ids, keep_mask=torch.ones_like(ids, dtype=torch.bool))
+    assert abs(fast_out.aux_loss.item() - aux.item()) < 1e-12
+    # HF's load_balancing_loss_func returns float32 even for float64 logits: float32-level agreement of the sum
+    assert abs(fast_out.loss.item() - (ce + 0.7 * aux).item()) < 1e-6
+    assert max_rel_err(got, dense) < 1e-6

@@ -58,7 +58,9 @@ class ArchSpec:
         moe: layers whose ``mlp`` has ``experts`` are mixture-of-experts blocks, run whole as the HF module
             (router, top-k, experts). Their routing is per token and dropless (no expert capacity), so a kept
             row is routed the same in the forward over all rows and in the backward's recompute on kept rows:
-            expert and router gradients come from kept rows only, as the reference semantics ask.
+            expert and router gradients come from kept rows only, as the reference semantics ask. With
+            ``output_router_logits`` the load-balancing loss is taken over the counted tokens
+            (``centrifuge.tokens.forward``), its gradient entering each MoE layer's backward at its kept rows.
     """
 
     model_type: str
@@ -155,8 +157,6 @@ _REFUSED = (
     ("embd_pdrop", "embedding dropout"),
     ("router_jitter_noise", "router jitter noise (random routing would differ between forward and backward)"),
     ("clip_qkv", "q/k/v clipping"),
-    ("output_router_logits", "the auxiliary load-balancing loss (router logits output): not implemented for the "
-                             "token-sparse step yet"),
 )
 
 

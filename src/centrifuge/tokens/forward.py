@@ -31,6 +31,7 @@ tokens.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import types
 from collections.abc import Callable
@@ -61,8 +62,11 @@ class TokenFilterOutput(ModelOutput):
     """Output of a token-filtering forward.
 
     Attributes:
-        loss: scalar, sum of counted tokens' CE / (num_items_in_batch or num_counted).
-        loss_sum: scalar, the un-normalized sum (what gradient accumulation adds up).
+        loss: scalar, sum of counted tokens' CE / (num_items_in_batch or num_counted), plus
+            ``router_aux_loss_coef · aux_loss`` for a mixture of experts with ``output_router_logits``.
+        loss_sum: scalar, the un-normalized sum (what gradient accumulation adds up): ``loss · denominator``.
+        aux_loss: scalar, the load-balancing loss over the counted tokens (mixture of experts with
+            ``output_router_logits``), else None.
         num_counted: int64 scalar, kept tokens that have a label.
         num_labelled: int64 scalar, tokens that have a label (kept or not).
         keep_mask: [B, T] bool, the rows kept for the backward.
@@ -76,6 +80,7 @@ class TokenFilterOutput(ModelOutput):
     num_labelled: torch.Tensor | None = None
     keep_mask: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -112,6 +117,11 @@ def _normed_token_loss(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, t
     weight, bias = _lm_head(model)
     rows, softcap = _head_input(model, spec, normed)
     return token_loss(rows, weight, targets, bias, softcap=softcap)
+
+
+def _wants_router_logits(model: nn.Module, spec: ArchSpec) -> bool:
+    """Whether the step adds the mixture of experts' load-balancing loss (``config.output_router_logits``)."""
+    return spec.moe and bool(getattr(model.config, "output_router_logits", False))
 
 
 def _rope_tables(inner: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None
@@ -215,13 +225,34 @@ def _select(select: Selector, batch: _Batch, token_loss_flat: torch.Tensor) -> t
     return _check_selection(keep, "the selector's result", (batch.B, batch.T))
 
 
-def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, token_loss_flat):
+def _aux_loss(model: nn.Module, spec: ArchSpec, router_logits: list[torch.Tensor], counted: torch.Tensor,
+              batch: _Batch) -> torch.Tensor | None:
+    """The mixture of experts' load-balancing loss over the *counted* tokens (kept and labelled), or None.
+
+    The family's own ``load_balancing_loss_func`` (Switch-Transformer style: E · Σ_e f_e · P_e pooled over
+    the MoE layers, f_e the share of top-k assignments to expert e, P_e its mean router probability) with the
+    counted tokens as its token mask: Hugging Face weights by ``attention_mask`` (every real token); here the
+    tokens that count in the loss, so filtered tokens get no gradient from it either, as from the CE."""
+    if not router_logits:
+        return None
+    module = importlib.import_module(spec.modeling_module)
+    num_experts = getattr(model, "num_experts", None) or getattr(model.config, "num_experts", None) \
+        or model.config.num_local_experts
+    mask = counted.view(batch.B, batch.T).to(router_logits[0].dtype)
+    return module.load_balancing_loss_func(tuple(router_logits), num_experts, model.config.num_experts_per_tok,
+                                           mask)
+
+
+def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, token_loss_flat, model=None,
+            aux: torch.Tensor | None = None):
     num_counted = counted.sum()
     denom = num_items_in_batch if num_items_in_batch is not None else num_counted
     keep_mask = torch.zeros(batch.B * batch.T, dtype=torch.bool, device=counted.device)
     keep_mask.index_fill_(0, keep_rows, True)  # (not ``[rows] = True``: that copies a host scalar, a sync)
+    if aux is not None:  # as HF adds it: coef · aux on top of the normalized CE (loss_sum scaled to match)
+        loss_sum = loss_sum + model.config.router_aux_loss_coef * aux.to(loss_sum.dtype) * denom
     return TokenFilterOutput(
-        loss=loss_sum / denom, loss_sum=loss_sum, num_counted=num_counted,
+        loss=loss_sum / denom, loss_sum=loss_sum, num_counted=num_counted, aux_loss=aux,
         num_labelled=batch.labelled.sum(), keep_mask=keep_mask.view(batch.B, batch.T),
         token_loss=None if token_loss_flat is None else token_loss_flat.view(batch.B, batch.T),
     )
@@ -330,7 +361,10 @@ def fast_forward(
     layouts: dict[tuple, TokenLayout] = {(None, None): base}
     ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
     keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
-    step = StepState(keep=keep_rows, attention=attention, elementwise=elementwise, backward=backward)
+    router_logits = _wants_router_logits(model, spec)
+    step = StepState(keep=keep_rows, attention=attention, elementwise=elementwise, backward=backward,
+                     router_logits=router_logits)
+    routers: list[torch.Tensor] = []  # MoE layers' router logits [N, E] (with the aux loss's gradient path)
     h = embeds.reshape(B * T, -1)
     if not h.requires_grad:  # frozen embeddings (e.g. LoRA): still drive the layers' backward
         h = h.detach().requires_grad_(True)
@@ -344,6 +378,9 @@ def fast_forward(
             cos, sin = _rope_tables(inner, embeds, batch.position_ids, layer_type)
             ropes[layer_type] = (cos.reshape(B * T, -1), sin.reshape(B * T, -1))
         h = call_layer(layer, h, LayerCall(spec, step, layouts[geometry], ropes[layer_type]))
+        if isinstance(h, tuple):
+            h, logits = h
+            routers.append(logits)
 
     all_loss = None
     if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
@@ -355,7 +392,8 @@ def fast_forward(
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
     loss_sum = _normed_token_loss(model, spec, model.model.norm(h_kept), kept_targets).sum()
-    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
+    aux = _aux_loss(model, spec, routers, counted, batch) if router_logits else None
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss, model, aux)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -404,13 +442,13 @@ AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention)
 AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)
 
 
-def _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache=None, **kwargs) -> torch.Tensor:
-    """Final hidden states [N, d] after the final norm, through the HF model's own forward (its own masking
-    rules: ``use_cache`` decides packed-document separation as in the unpatched model; a cache it builds is
-    dropped)."""
+def _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache=None, **kwargs):
+    """(final hidden states [N, d] after the final norm, router logits per MoE layer [N, E] or None) through
+    the HF model's own forward (its own masking rules: ``use_cache`` decides packed-document separation as in
+    the unpatched model; a cache it builds is dropped)."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=use_cache, **kwargs)
-    return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+    return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]), getattr(out, "router_logits", None)
 
 
 def reference_forward(
@@ -432,7 +470,7 @@ def reference_forward(
         # Selection needs the current model's loss on every token; the reference spends a separate
         # no-grad forward on it (it is an oracle, not a fast path).
         with torch.no_grad():
-            normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache)
+            normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache)[0]
             all_loss = _score_rows(model, spec, normed, batch.targets)
     if select is not None:
         keep_mask = _select(select, batch, all_loss)
@@ -447,7 +485,11 @@ def reference_forward(
     if detach_filtered_kv and model.config._attn_implementation != REFERENCE_ATTENTION:
         raise RuntimeError("the reference mode needs centrifuge.apply(model, mode='reference'), which selects the "
                            f"{REFERENCE_ATTENTION!r} attention for as long as the model is patched")
-    normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache, **kwargs)
+    if _wants_router_logits(model, spec):
+        kwargs["output_router_logits"] = True
+    normed, router_logits = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache, **kwargs)
     targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
     loss_sum = _normed_token_loss(model, spec, normed, targets).sum()
-    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
+    aux = _aux_loss(model, spec, list(router_logits or ()), counted, batch) if _wants_router_logits(model, spec) \
+        else None
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss, model, aux)

@@ -144,6 +144,8 @@ class StepState:
         attention: backend name ("auto", "math", "flash").
         elementwise: "eager" (the HF modules) or "compiled" (``centrifuge.ops.elementwise``).
         backward: "auto" (the hand-written backward where it applies) or "replay" (always the autograd replay).
+        router_logits: mixture-of-experts layers also return their router logits [N, E] (a second output whose
+            gradient — the auxiliary load-balancing loss's — the layer's backward takes on its kept rows).
         kept_rope: the per-step memo of the kept rows' rotary tables (``KeptRope``; the full-row tables are
             per layer: Gemma 3's local and global layers use different ones).
     """
@@ -152,6 +154,7 @@ class StepState:
     attention: str = "auto"
     elementwise: str = "eager"
     backward: str = "auto"
+    router_logits: bool = False
     kept_rope: KeptRope = dataclasses.field(default_factory=lambda: KeptRope())
 
 
@@ -311,6 +314,26 @@ def _observe(om: LayerOmission, layer: nn.Module, inputs: dict[str, torch.Tensor
 # --------------------------------------------------------------------------------------------------------
 
 
+class _RouterLogits:
+    """Captures the router logits of a mixture-of-experts block while it runs (a forward hook on its ``gate``:
+    the HF router returns (logits, weights, indices), or the logits alone in older versions)."""
+
+    def __init__(self, layer: nn.Module, spec: ArchSpec, enabled: bool):
+        self.logits: torch.Tensor | None = None
+        on = enabled and spec.moe and hasattr(layer.mlp, "experts")
+        self.handle = layer.mlp.gate.register_forward_hook(self._hook) if on else None
+
+    def _hook(self, module, args, out):
+        self.logits = out[0] if isinstance(out, tuple) else out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+
+
 def _autocast_state(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -363,7 +386,8 @@ class _TokenSparseLayer(torch.autograd.Function):
         scale = layer.self_attn.scaling
         with torch.autocast(device_type, enabled=False):  # backends pick their own precision
             o, aux = backend.forward(q, k, v, layout, scale)
-        y = layer_output(layer, spec, x, o, record, ops)
+        with _RouterLogits(layer, spec, step.router_logits) as router:
+            y = layer_output(layer, spec, x, o, record, ops)
         if om is not None and om.gathers:
             _observe(om, layer, inputs, o)
         inputs.clear()
@@ -391,10 +415,10 @@ class _TokenSparseLayer(torch.autograd.Function):
         ctx.compact = compact
         ctx.plan, ctx.sliced = plan, sliced
         ctx.recompute = value_names if checkpointed else ()
-        return y
+        return y if router.handle is None else (y, router.logits)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_router=None):
         step: StepState = ctx.step
         keep = kept_rows(grad_y, ctx.keep)
         layout: TokenLayout = ctx.layout
@@ -442,15 +466,22 @@ class _TokenSparseLayer(torch.autograd.Function):
             ops = ELEMENTWISE[step.elementwise]
             q, k, v = attention_inputs(layer, spec, x, cos_k, sin_k, linear, ops)
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
-            y = layer_output(layer, spec, x, o, linear, ops)
-            torch.autograd.backward(y, dy.to(y.dtype))
+            with _RouterLogits(layer, spec, grad_router is not None) as router:
+                y = layer_output(layer, spec, x, o, linear, ops)
+            outputs, grads = [y], [dy.to(y.dtype)]
+            if router.logits is not None:  # the auxiliary loss's gradient at the kept rows' router logits
+                outputs.append(router.logits)
+                grads.append(grad_router.index_select(0, keep).to(router.logits.dtype))
+            torch.autograd.backward(outputs, grads)
         return (sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None, None, None,
                 *([None] * ctx.num_params))
 
 
 def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: StepState,
-                       layout: TokenLayout, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d].
+                       layout: TokenLayout, rope: tuple[torch.Tensor, torch.Tensor]
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d] — and, for a
+    mixture-of-experts layer when ``step.router_logits``, its router logits [N, E] too (a tuple).
 
     ``layout``: this layer's attention geometry (its own sliding window and score soft-cap; layers may
     differ) and ``rope``: its rotary tables (cos, sin [N, D]), saved by the layer's autograd context.

@@ -267,3 +267,20 @@ def test_patched_forward_keeps_the_original_signature():
     assert {"keep_mask", "select", "num_items_in_batch"} <= set(after)
     centrifuge.revert(model)
     assert inspect.signature(model.forward).parameters == before
+
+
+def test_a_layer_forward_replaced_after_apply_is_detected(gen):
+    """Another library patching a decoder layer's forward after apply: the token-sparse step refuses to run the
+    replacement (it would lose the kept-rows backward), and revert leaves the replacement alone."""
+    model = tiny_model("llama")
+    ids, keep = random_batch(gen, B=2, T=8)
+    centrifuge.apply(model)
+    layer = model.model.layers[1]
+    replacement = layer.forward
+    layer.forward = lambda *args, **kwargs: replacement(*args, **kwargs)
+    with pytest.raises(RuntimeError, match="replaced after centrifuge.apply"):
+        model(input_ids=ids, labels=ids, keep_mask=keep)
+    mine = layer.forward
+    centrifuge.revert(model)
+    assert layer.forward is mine and "_centrifuge_layer_dispatch" not in vars(layer)
+    assert "forward" not in vars(model.model.layers[0])

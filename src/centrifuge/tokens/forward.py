@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import types
 from collections.abc import Callable
 
 import torch
@@ -43,9 +42,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import ModelOutput
 
+from centrifuge.models.dispatch import LayerCall, call_layer
 from centrifuge.models.registry import ArchSpec
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss, token_loss_no_grad
-from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState, token_sparse_layer
+from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState
 from centrifuge.tokens.layout import TokenLayout
 
 log = logging.getLogger("centrifuge")
@@ -261,73 +261,6 @@ def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, tok
 # --------------------------------------------------------------------------------------------------------
 # fast
 # --------------------------------------------------------------------------------------------------------
-
-LAYER_CALL_KW = "_centrifuge_step"  # private keyword of a decoder layer's dispatching forward
-_DISPATCH_ATTR = "_centrifuge_layer_dispatch"  # on a layer: (had an instance forward, that forward)
-
-
-@dataclasses.dataclass
-class LayerCall:
-    """What a decoder layer needs to run its token-sparse step (passed as ``layer(h, _centrifuge_step=...)``)."""
-
-    spec: ArchSpec
-    step: StepState
-    layout: TokenLayout  # this layer's attention geometry (its own window)
-    rope: tuple[torch.Tensor, torch.Tensor]  # this layer's rotary tables cos, sin [N, D]
-
-
-def install_layer_dispatch(layer: nn.Module) -> None:
-    """Give decoder ``layer`` an instance-level forward that runs ``token_sparse_layer`` when called with
-    ``_centrifuge_step=LayerCall(...)`` and the layer's own forward otherwise.
-
-    Why through the layer's ``__call__``: wrappers hook modules, not functions. FSDP2 (``fully_shard`` per
-    decoder layer) all-gathers a layer's weights in its forward pre-hook, frees them in its post-hook, and
-    registers the pre-/post-backward hooks that re-gather them for the backward and reduce-scatter their
-    gradients. Calling the layer's submodules directly would skip all of that. ``remove_layer_dispatch``
-    restores the layer exactly."""
-    if _DISPATCH_ATTR in vars(layer):
-        return
-    had_instance_forward = "forward" in vars(layer)
-    own = vars(layer).get("forward")
-
-    def forward(self, *args, _centrifuge_step: LayerCall | None = None, **kwargs):
-        if _centrifuge_step is None:
-            # The class's forward looked up now (not bound at install time), so a class swap after
-            # ``apply`` — FSDP2 makes each sharded layer an ``FSDP<Layer>`` subclass — still runs it.
-            return own(*args, **kwargs) if had_instance_forward else type(self).forward(self, *args, **kwargs)
-        (h,) = args
-        call = _centrifuge_step
-        return token_sparse_layer(h, self, call.spec, call.step, call.layout, call.rope)
-
-    setattr(layer, _DISPATCH_ATTR, (had_instance_forward, own))
-    layer.forward = types.MethodType(forward, layer)
-
-
-def remove_layer_dispatch(layer: nn.Module) -> None:
-    """Undo ``install_layer_dispatch`` (a no-op for a layer without it)."""
-    saved = vars(layer).get(_DISPATCH_ATTR)
-    if saved is None:
-        return
-    had_instance_forward, own = saved
-    if had_instance_forward:
-        layer.forward = own
-    else:
-        del layer.forward
-    delattr(layer, _DISPATCH_ATTR)
-
-
-def call_layer(layer: nn.Module, h: torch.Tensor, call: LayerCall) -> torch.Tensor:
-    """Run one token-sparse decoder layer on h [N, d] through the layer's module call (hooks included).
-
-    ``nn.Module.__call__`` rather than ``layer(...)``: transformers versions whose
-    ``GradientCheckpointingLayer`` overrides ``__call__`` would wrap the whole token-sparse layer in
-    ``torch.utils.checkpoint``; the token-sparse layer does its own, kept-rows-only, checkpointing."""
-    if _DISPATCH_ATTR not in vars(layer):
-        raise RuntimeError("this decoder layer was not patched by centrifuge.apply (was the layer replaced after "
-                           "apply?); call centrifuge.apply(model) again")
-    return nn.Module.__call__(layer, h, **{LAYER_CALL_KW: call})
-
-
 
 def fast_forward(
     model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,

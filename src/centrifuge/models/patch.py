@@ -19,8 +19,9 @@ import types
 import torch.nn as nn
 
 from centrifuge.models.dispatch import install_layer_dispatch, remove_layer_dispatch
+from centrifuge.models.reference_attention import REFERENCE_ATTENTION
 from centrifuge.models.registry import spec_for
-from centrifuge.tokens.forward import MODES, REFERENCE_ATTENTION, fast_forward, reference_forward
+from centrifuge.tokens.forward import MODES, fast_forward, reference_forward
 
 log = logging.getLogger("centrifuge")
 _STATE_ATTR = "_centrifuge_patch"

@@ -105,7 +105,9 @@ def layer_output(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, o: torch.Ten
     n2 = _norm(layer, pre_mlp, h, ops)
     mlp = layer.mlp
     if spec.moe and hasattr(mlp, "experts"):  # a mixture-of-experts block, whole (see ArchSpec.moe); [1, R, d]
-        return h + _scaled(_norm(layer, post_mlp, linear(mlp, n2[None], "moe")[0], ops), residual)
+        out = linear(mlp, n2[None], "moe")
+        out = out[0] if isinstance(out, tuple) else out  # (older transformers also return the router logits)
+        return h + _scaled(_norm(layer, post_mlp, out[0], ops), residual)
     if spec.fused_gate_up:  # [gate; up] rows of one projection (Phi-3)
         gate, up = linear(getattr(mlp, spec.fused_gate_up), n2, spec.fused_gate_up).chunk(2, dim=-1)
     else:

@@ -46,6 +46,36 @@ class PatchState:
     had_instance_forward: bool
     original_forward: object
     original_attn_implementation: str | None = None  # restored by revert (reference mode switches it)
+    patched_forward: object = None  # the bound forward apply installed (to detect a later replacement)
+    guard: object = None  # handle of the forward pre-hook that refuses keep_mask once the forward is replaced
+
+    def replaced(self, model: nn.Module) -> bool:
+        """Whether something (e.g. Liger-Kernel's instance patch) replaced the forward apply installed."""
+        return vars(model).get("forward") is not self.patched_forward
+
+
+class ForwardReplacedError(RuntimeError):
+    """The forward ``centrifuge.apply`` installed was replaced afterwards: token filtering would be off."""
+
+
+def _replaced_message(model: nn.Module) -> str:
+    now = vars(model).get("forward")
+    who = getattr(getattr(now, "__func__", now), "__module__", None) or "another patch"
+    return (f"the forward of this Centrifuge-patched {type(model).__name__} was replaced after centrifuge.apply "
+            f"(now {who}), so keep_mask / select would be ignored; call centrifuge.apply(model) again after the "
+            "other patch (Liger-Kernel: apply it first — centrifuge.apply accepts Liger-patched models; in a "
+            "Trainer with use_liger_kernel=True, enable_token_filtering applies Liger itself)")
+
+
+def _guard(model: nn.Module, args, kwargs):
+    """Forward pre-hook (it survives a forward replacement): refuse a token-filtering call that would run a
+    forward other than Centrifuge's."""
+    if kwargs.get("keep_mask") is None and kwargs.get("select") is None:
+        return None
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None and state.replaced(model):
+        raise ForwardReplacedError(_replaced_message(model))
+    return None
 
 
 BACKWARDS = ("auto", "replay")
@@ -105,8 +135,10 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
     def forward(self, *args, keep_mask=None, select=None, num_items_in_batch=None,
                 return_token_loss: bool = False, **kwargs):
         if keep_mask is None and select is None:
-            return original(*args, num_items_in_batch=num_items_in_batch, **kwargs) \
-                if num_items_in_batch is not None else original(*args, **kwargs)
+            # the class's forward looked up now, so a class patch made after apply (Liger's) serves evaluation
+            dense = original if had_instance_forward else types.MethodType(type(self).forward, self)
+            return dense(*args, num_items_in_batch=num_items_in_batch, **kwargs) \
+                if num_items_in_batch is not None else dense(*args, **kwargs)
         if args:
             raise TypeError("pass input_ids and the other inputs by keyword to a Centrifuge-patched model")
         for name in _NONE_ONLY:  # PeftModelForCausalLM.forward passes these as None
@@ -121,6 +153,8 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
 
     forward.__signature__ = _patched_signature(original)
     model.forward = types.MethodType(forward, model)
+    state.patched_forward = model.forward
+    state.guard = model.register_forward_pre_hook(_guard, with_kwargs=True)
     if mode == "fast":  # the token-sparse step runs each decoder layer through its own module call (FSDP2 hooks)
         for layer in model.model.layers:
             install_layer_dispatch(layer)
@@ -157,7 +191,11 @@ def revert(model: nn.Module) -> nn.Module:
         return model
     if state.original_attn_implementation is not None:
         model.config._attn_implementation = state.original_attn_implementation
-    if state.had_instance_forward:
+    if state.guard is not None:
+        state.guard.remove()
+    if state.replaced(model):
+        pass  # replaced after apply (e.g. by Liger): leave the newer forward in place
+    elif state.had_instance_forward:
         model.forward = state.original_forward
     else:
         del model.forward
@@ -168,8 +206,9 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def patch_mode(model: nn.Module) -> str | None:
-    """The mode ``model`` is patched with, or None."""
+    """The mode ``model`` is patched with, or None — also when the forward ``apply`` installed was replaced
+    afterwards (token filtering is then off: calls with ``keep_mask`` raise ``ForwardReplacedError``)."""
     if _is_peft(model):
         model = model.get_base_model()
     state = getattr(model, _STATE_ATTR, None)
-    return None if state is None else state.mode
+    return None if state is None or state.replaced(model) else state.mode

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from centrifuge.ops.liger import is_liger_swiglu
+
 
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
@@ -83,7 +85,10 @@ def spec_for(model: nn.Module) -> ArchSpec:
         raise UnsupportedModelError(f"{type(model).__name__} has no lm_head")
     spec = REGISTRY[model_type]
     for layer in inner.layers:
-        for attr in _LAYER_ATTRS + (("self_attn.q_norm", "self_attn.k_norm") if spec.qk_norm else ()):
+        attrs = _LAYER_ATTRS + (("self_attn.q_norm", "self_attn.k_norm") if spec.qk_norm else ())
+        if is_liger_swiglu(getattr(layer, "mlp", None)):  # Liger's SwiGLU MLP has no act_fn (SiLU built in)
+            attrs = tuple(a for a in attrs if a != "mlp.act_fn")
+        for attr in attrs:
             obj = layer
             for part in attr.split("."):
                 obj = getattr(obj, part, None)

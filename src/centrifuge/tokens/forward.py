@@ -35,6 +35,8 @@ from transformers.utils import ModelOutput
 
 from centrifuge.models.registry import ArchSpec
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss, token_loss_no_grad
+from centrifuge.ops.elementwise import rms_norm
+from centrifuge.ops.liger import is_liger_rms_norm
 from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState, token_sparse_layer
 from centrifuge.tokens.layout import TokenLayout
 
@@ -89,6 +91,15 @@ def _normed_token_loss(model: nn.Module, normed: torch.Tensor, targets: torch.Te
     """Per-row CE [R] (fp32, differentiable) of rows already through the final norm."""
     weight, bias = _lm_head(model)
     return token_loss(normed, weight, targets, bias)
+
+
+def _final_norm(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The model's final norm on rows h [R, d]; a Liger RMSNorm off CUDA runs its formula in torch (Liger's
+    Triton kernels need a GPU)."""
+    norm = model.model.norm
+    if not h.is_cuda and is_liger_rms_norm(norm):
+        return rms_norm(h, norm.weight, norm.variance_epsilon)
+    return norm(h)
 
 
 def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -266,13 +277,13 @@ def fast_forward(
     all_loss = None
     if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
         with torch.no_grad():
-            all_loss = _score_rows(model, model.model.norm(h), batch.targets)
+            all_loss = _score_rows(model, _final_norm(model, h), batch.targets)
     if select is not None:
         keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
         step.keep = keep_rows
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
-    loss_sum = _normed_token_loss(model, model.model.norm(h_kept), kept_targets).sum()
+    loss_sum = _normed_token_loss(model, _final_norm(model, h_kept), kept_targets).sum()
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
 
 

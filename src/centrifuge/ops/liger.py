@@ -4,13 +4,15 @@ Liger-Kernel (``liger_kernel.transformers``) replaces a Llama-family model's RMS
 (class patch: new classes; instance patch: ``forward`` bound on the existing modules). The token-sparse layer
 never calls those modules' forwards (it computes the formulas of ``centrifuge.ops.elementwise`` itself, so
 the CPU path stays a torch reference), so it only needs to know that a patched module computes exactly the
-formula of the module it replaced. Nothing here imports liger_kernel.
+formula of the module it replaced. And it wraps Liger's fused kernels for the dense-row work Centrifuge does
+itself (``LigerDenseOps``, with ``TorchDenseOps`` as its reference), importing liger_kernel only when used.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 
@@ -51,3 +53,87 @@ def is_liger_rope(fn: Any) -> bool:
     return from_liger(fn)
 
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# Liger-Kernel's fused kernels, with their torch reference (the CPU path and the tests' oracle)
+# --------------------------------------------------------------------------------------------------------
+
+
+def liger_kernels_usable(device: torch.device) -> bool:
+    """Whether Liger-Kernel's Triton kernels can run here: CUDA and ``liger_kernel`` importable."""
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class TorchDenseOps:
+    """Reference formulas (``centrifuge.ops.elementwise``, HF Llama's) with autograd, on [B, H, T, D] heads.
+
+    ``rms_norm(x [..., d], module)``, ``rope(q [B, H, T, D], k [B, Hkv, T, D], cos, sin [B or 1, T, D])``,
+    ``swiglu(gate, up [..., m])``, ``ce_sum(hidden [R, d], weight [V, d], targets [R], bias) -> scalar`` (sum
+    of CE over rows whose target is not -100; chunked, no [R, V] fp32 logits at once)."""
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        from centrifuge.ops.elementwise import rms_norm
+
+        return rms_norm(x, module.weight, module.variance_epsilon)
+
+    def rope(self, q, k, cos, sin):
+        from centrifuge.ops.elementwise import rope
+
+        return rope(q, k, cos, sin)  # cos [B, T, D] -> [B, 1, T, D] inside
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        from centrifuge.ops.elementwise import swiglu
+
+        return swiglu(gate, up)
+
+    def ce_sum(self, hidden, weight, targets, bias=None) -> torch.Tensor:
+        from centrifuge.ops.cross_entropy import chunked_token_loss
+
+        return chunked_token_loss(hidden, weight, targets, bias).sum()
+
+
+class LigerDenseOps(TorchDenseOps):
+    """The same with Liger-Kernel's Triton kernels (CUDA): RMSNorm ("llama" casting), RoPE, SwiGLU, and the
+    fused linear cross-entropy (sum reduction: logits computed chunk by chunk, gradients in the forward)."""
+
+    name = "liger"
+
+    def rms_norm(self, x, module):
+        from liger_kernel.transformers.functional import liger_rms_norm
+
+        return liger_rms_norm(x, module.weight, module.variance_epsilon, 0.0, "llama", True)
+
+    def rope(self, q, k, cos, sin):
+        from liger_kernel.transformers.functional import liger_rope
+
+        return liger_rope(q, k, cos, sin)
+
+    def swiglu(self, gate, up):
+        from liger_kernel.transformers.functional import liger_swiglu
+
+        return liger_swiglu(gate, up)
+
+    def ce_sum(self, hidden, weight, targets, bias=None):
+        return liger_ce_sum(hidden, weight, targets, bias)
+
+
+def liger_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of next-token CE over rows of hidden [R, d] (targets [R], -100 ignored) through Liger's fused linear
+    cross-entropy (CUDA), differentiable; fp32 scalar. Never more than a chunk of [R, V] logits at once."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    out = liger_fused_linear_cross_entropy(hidden.contiguous(), weight, targets.contiguous(), bias,
+                                           ignore_index=-100, reduction="sum")
+    if isinstance(out, tuple):
+        out = out[0]
+    return getattr(out, "loss", out).float()

@@ -36,7 +36,8 @@ from transformers.utils import ModelOutput
 from centrifuge.models.registry import ArchSpec
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss, token_loss_no_grad
 from centrifuge.ops.elementwise import rms_norm
-from centrifuge.ops.liger import is_liger_rms_norm
+from centrifuge.ops.liger import is_liger_rms_norm, liger_ce_sum, liger_kernels_usable
+from centrifuge.tokens import dense_route
 from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState, token_sparse_layer
 from centrifuge.tokens.layout import TokenLayout
 
@@ -208,6 +209,8 @@ def install_layer_dispatch(layer: nn.Module) -> None:
             return own(*args, **kwargs) if had_instance_forward else type(self).forward(self, *args, **kwargs)
         (h,) = args
         call = _centrifuge_step
+        if not isinstance(call, LayerCall):  # the all-kept dense route's layer (tokens.dense_route.DenseCall)
+            return call(self, h)
         return token_sparse_layer(h, self, call.spec, call.step, call.layer_idx)
 
     setattr(layer, _DISPATCH_ATTR, (had_instance_forward, own))
@@ -252,6 +255,10 @@ def fast_forward(
         elementwise = "compiled" if input_ids.is_cuda else "eager"
     if keep_mask is not None:
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
+        routed = _dense_route(model, spec, batch, input_ids, attention_mask, position_ids, keep_mask, select,
+                              return_token_loss, num_items_in_batch)
+        if routed is not None:
+            return routed
     inner = model.model
     B, T = batch.B, batch.T
     embeds = inner.embed_tokens(input_ids)  # [B, T, d]
@@ -283,8 +290,28 @@ def fast_forward(
         step.keep = keep_rows
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
-    loss_sum = _normed_token_loss(model, _final_norm(model, h_kept), kept_targets).sum()
+    normed = _final_norm(model, h_kept)
+    if liger_kernels_usable(normed.device):  # fused linear CE: no recompute of the logits in the backward
+        weight, bias = _lm_head(model)
+        loss_sum = liger_ce_sum(normed, weight, kept_targets, bias)
+    else:
+        loss_sum = _normed_token_loss(model, normed, kept_targets).sum()
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
+
+
+def _dense_route(model, spec, batch: _Batch, input_ids, attention_mask, position_ids, keep_mask, select,
+                 return_token_loss, num_items_in_batch) -> TokenFilterOutput | None:
+    """An all-kept step as the plain dense step (``centrifuge.tokens.dense_route``), or None when not taken."""
+    ops = dense_route.route_ops(input_ids.device)
+    if ops is None or not dense_route.eligible(model, spec, attention_mask=attention_mask, position_ids=position_ids,
+                                               select=select, return_token_loss=return_token_loss):
+        return None
+    if not dense_route.covers_all(keep_mask, batch.valid.view(batch.B, batch.T)):
+        return None
+    keep_rows, counted = _resolve_keep(batch, keep_mask)
+    targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
+    loss_sum = dense_route.dense_loss_sum(model, input_ids, targets, ops, call_layer)
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, None)
 
 
 # --------------------------------------------------------------------------------------------------------

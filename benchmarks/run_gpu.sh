@@ -33,7 +33,7 @@ PY=${PYTHON:-python3}
 
 # Centrifuge's own variants run where `centrifuge.apply` exists (skipped with a note otherwise).
 # Order matters under --time-limit: the baseline and the ceilings are measured first.
-CEILINGS="dense,dense_compiled,loss_only,ideal,dense+ckpt,ideal+ckpt"
+CEILINGS="dense,dense_compiled,dense_liger,loss_only,ideal,dense+ckpt,ideal+ckpt"
 OURS="centrifuge,centrifuge_select,centrifuge_sdpa,centrifuge_eager,centrifuge+ckpt"
 SHAPES="narrow,narrow_heads,ideal+narrow_heads"
 

@@ -357,19 +357,19 @@ def plot(path: str | Path, rows: list[dict[str, Any]]) -> Path | None:
     for row in rows:
         groups.setdefault(_group_key(row), []).append(row)
     path = Path(path)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(15, 4.8 * len(groups)), squeeze=False,
+    fig, axes = plt.subplots(len(groups), 2, figsize=(14, 6.0 * len(groups)), squeeze=False,
                              gridspec_kw={"width_ratios": [1.35, 1]})
     for (ax_k, ax_m), group_rows in zip(axes, groups.values(), strict=True):
         base = _baseline_text(group_rows)
         _plot_keep(ax_k, group_rows, headline=True)
         _plot_memory(ax_m, group_rows)
         ax_k.set_title(f"{_title(group_rows)}\nstep time / strongest dense ({base}) vs keep ratio κ", fontsize=9)
-        ax_m.set_title("peak memory, GiB and ratio to the strongest dense (hatched: held before the forward)",
+        ax_m.set_title("peak memory, GiB and ratio to the strongest dense\n(hatched: held before the forward)",
                        fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 4.8 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 6.0 * len(groups)), squeeze=False)
     for (ax,), group_rows in zip(axes, groups.values(), strict=True):
         _plot_keep(ax, group_rows, headline=False)
         ax.set_title(f"{_title(group_rows)}\nother variants: step (solid) and backward (dashed) time / "
@@ -421,12 +421,15 @@ def _plot_keep(ax: Any, rows: list[dict[str, Any]], *, headline: bool) -> None:
     ax.axhline(1.0, color="black", lw=0.8, label="strongest dense = 1" if headline else None)
     ax.set_xlabel("keep ratio κ")
     ax.set_ylabel("time / strongest dense time")
-    ax.set_ylim(bottom=0)
+    shown = [r["ratio_step_ms"] for rs in keep_rows.values() for r in rs] + [1.0]
+    shown += [r["ratio_bwd_ms"] for rs in keep_rows.values() for r in rs if not headline and r.get("ratio_bwd_ms")]
+    shown += [r["ratio_step_ms"] for r in levels if r["ratio_step_ms"] < 2.5]  # off-scale levels: in the legend
+    ax.set_ylim(0, 1.12 * max(shown))
     if keeps:
         ax.set_xlim(0, 1.02)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
     else:
         ax.text(0.5, 0.5, "no variant of this kind measured", ha="center", va="center", transform=ax.transAxes)
 

@@ -16,6 +16,7 @@ import inspect
 import logging
 import types
 
+import torch
 import torch.nn as nn
 
 from centrifuge.models.registry import spec_for
@@ -144,6 +145,7 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
         for name in _NONE_ONLY:  # PeftModelForCausalLM.forward passes these as None
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
+        kwargs = _padding_free(kwargs)
         unknown = set(kwargs) - {"input_ids", "attention_mask", "position_ids", "labels", "use_cache"}
         if unknown:
             raise TypeError(f"unsupported arguments with token filtering: {', '.join(sorted(unknown))}")
@@ -161,6 +163,43 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
     log.info("centrifuge: patched %s (model_type=%s, mode=%s, %d layers)", type(model).__name__,
              spec.model_type, mode, len(model.model.layers))
     return model
+
+
+# Padding-free packing (TRL ``padding_free`` / ``packing=True``, HF ``DataCollatorWithFlattening``): one row of
+# concatenated documents, position ids restarting at 0 per document, plus these for varlen kernels.
+PADDING_FREE = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _padding_free(kwargs: dict) -> dict:
+    """Consume padding-free packing's arguments: the documents of the row are given by ``position_ids``
+    (restarting at 0), which the token-sparse layout and the reference's HF mask already keep apart; without
+    ``position_ids`` they are derived from ``cu_seq_lens_q``. ``cu_seq_lens_*`` must mark the same documents
+    as ``position_ids`` (checked; a mismatch raises ValueError)."""
+    if not any(k in kwargs for k in PADDING_FREE):
+        return kwargs
+    kwargs = dict(kwargs)
+    packing = {k: kwargs.pop(k, None) for k in PADDING_FREE}
+    cu = packing["cu_seq_lens_q"] if packing["cu_seq_lens_q"] is not None else packing["cu_seq_lens_k"]
+    ids = kwargs.get("input_ids")
+    if cu is None or ids is None:
+        return kwargs
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k describe one flattened row; input_ids is {tuple(ids.shape)}")
+    if packing["cu_seq_lens_k"] is not None and packing["cu_seq_lens_q"] is not None and not torch.equal(
+            packing["cu_seq_lens_k"].to(cu.device), cu):
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: only self-attention packing is supported")
+    T = ids.shape[1]
+    cu = cu.to(device=ids.device, dtype=torch.long)
+    positions = torch.arange(T, device=ids.device)
+    starts = cu[:-1]
+    doc = torch.searchsorted(starts, positions, right=True) - 1  # [T] document of each position
+    derived = (positions - starts[doc.clamp_min(0)])[None]
+    given = kwargs.get("position_ids")
+    if given is None:
+        kwargs["position_ids"] = derived
+    elif int(cu[-1]) != T or not torch.equal(given.to(derived.device).expand_as(derived) == 0, derived == 0):
+        raise ValueError("cu_seq_lens_q does not mark the same documents as position_ids (restarts at 0)")
+    return kwargs
 
 
 _ADDED = ("keep_mask", "select", "num_items_in_batch", "return_token_loss")

@@ -283,6 +283,7 @@ def measure(spec: VariantSpec, run: Run, *, opts: BenchOptions, device: torch.de
     spec.enable(run, variant)
     try:
         optimizer, opt_kind = make_optimizer(run.model, lr=opts.lr)
+        variant.setup_optimizer(run, optimizer)
         out = time_steps(variant, run, optimizer, reps=opts.reps, warmup=opts.warmup, clock=clock,
                          memory=memory)
         out["optimizer"] = opt_kind

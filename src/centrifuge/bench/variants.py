@@ -197,6 +197,9 @@ class Variant:
         """The timed backward."""
         loss.backward()
 
+    def setup_optimizer(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the variant's optimizer, after ``prepare`` (e.g. neuron omission's protect)."""
+
     def cleanup(self, run: Run) -> None:
         """Undo ``prepare`` (the model is reused by the next variant)."""
 
@@ -465,6 +468,35 @@ class CentrifugeStockCompiled(CentrifugeStock):
     name = "centrifuge_sdpa_compiled"
     help = "as centrifuge_sdpa, with RMSNorm / RoPE / SwiGLU compiled"
     compile = True
+
+
+@register
+class CentrifugeOmit(CentrifugeBefore):
+    name = "centrifuge_omit"
+    help = ("as centrifuge, plus neuron omission at rate ρ (--omit) of MLP channels and KV-group heads (uniform "
+            "importance, sampled, multiples of 64), a new plan every step, AdamW protected")
+
+    def prepare(self, run: Run) -> None:
+        from centrifuge import neurons
+
+        super().prepare(run)
+        run.state["omitter"] = neurons.attach(run.model, rate=run.omit, metric="uniform", select="sample",
+                                              multiple=64, mlp=True, heads=True, seed=run.seed)
+        run.state["step"] = 0
+
+    def setup_optimizer(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
+        run.state["omitter"].protect(optimizer)
+
+    def forward(self, run: Run) -> torch.Tensor:
+        run.state["omitter"].plan(run.state["step"])
+        run.state["step"] += 1
+        return super().forward(run)
+
+    def cleanup(self, run: Run) -> None:
+        omitter = run.state.pop("omitter", None)
+        if omitter is not None:
+            omitter.revert()
+        super().cleanup(run)
 
 
 @register

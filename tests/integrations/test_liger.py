@@ -171,3 +171,18 @@ def test_trainer_with_use_liger_kernel(tmp_path, restore_llama_module):
         assert max_rel_err(rec.grads[step], plain.grads[step]) < 1e-5, step
     handle.revert()
     assert trainer.args.use_liger_kernel is True and centrifuge.patch_mode(model) is None
+
+
+def test_liger_class_patch_after_apply(restore_llama_module):
+    """A class patch after ``apply`` leaves the instance's forward Centrifuge's: token filtering stays on (equal
+    to the reference), and calls without keep_mask reach the class's new (Liger) forward."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    ids, keep = _batch(seed=7)
+    want = _grads(centrifuge.apply(_hf_model(), mode="reference"), ids, keep)
+    model = centrifuge.apply(_hf_model())
+    apply_liger_kernel_to_llama()
+    assert modeling_llama.LlamaForCausalLM.forward.__module__.startswith("liger_kernel")
+    assert centrifuge.patch_mode(model) == "fast"
+    assert max_rel_err(_grads(model, ids, keep), want) < 1e-12

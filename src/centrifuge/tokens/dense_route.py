@@ -12,7 +12,7 @@ module call (hooks such as FSDP2's see it).
 
 The route is taken only where it is the same computation: plain causal rows (no padding mask, no packed
 documents, no sliding window), no q/k norms, RMSNorm + SiLU-gated MLP (``direct.supports``), no neuron
-omission, no activation checkpointing, the keep set given before the forward. ``TorchDenseOps`` is the
+omission, no activation checkpointing, no autocast, the keep set given before the forward. ``TorchDenseOps`` is the
 reference (CPU), tested against ``mode="reference"``.
 """
 
@@ -44,6 +44,8 @@ def route_ops(device: torch.device) -> TorchDenseOps | None:
 def eligible(model: nn.Module, spec: ArchSpec, *, attention_mask, position_ids, select, return_token_loss) -> bool:
     """Static conditions of the route (no device sync): see the module docstring."""
     if select is not None or return_token_loss or attention_mask is not None or position_ids is not None:
+        return False
+    if torch.is_autocast_enabled(model.lm_head.weight.device.type):  # measured and tested without autocast only
         return False
     if spec.qk_norm or getattr(model.config, "sliding_window", None) is not None:
         return False

@@ -291,8 +291,9 @@ def fast_forward(
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
     normed = _final_norm(model, h_kept)
-    if liger_kernels_usable(normed.device):  # fused linear CE: no recompute of the logits in the backward
-        weight, bias = _lm_head(model)
+    weight, bias = _lm_head(model)
+    if (liger_kernels_usable(normed.device) and normed.dtype == weight.dtype
+            and not torch.is_autocast_enabled(normed.device.type)):  # fused linear CE: no logits recompute
         loss_sum = liger_ce_sum(normed, weight, kept_targets, bias)
     else:
         loss_sum = _normed_token_loss(model, normed, kept_targets).sum()

@@ -523,7 +523,10 @@ class CentrifugeLossOnly(_CentrifugeVariant):
         return run.model(input_ids=run.input_ids, labels=run.labels, keep_mask=run.keep).loss
 
 
-DEFAULT_VARIANTS = ("dense", "loss_only", "ideal", "narrow", "narrow_heads", "centrifuge")
+# The strong dense baselines run by default: ratios are to the fastest dense measured (dense_liger is skipped
+# where liger-kernel or CUDA is missing).
+DEFAULT_VARIANTS = ("dense", "loss_only", "ideal", "narrow", "narrow_heads", "dense_compiled", "dense_liger",
+                    "centrifuge")
 
 # --------------------------------------------------------------------------------------------------------
 # Modifiers and variant specs ("ideal+ckpt")

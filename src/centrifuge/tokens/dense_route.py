@@ -6,8 +6,9 @@ semantics *are* ordinary dense training: no key or value is held constant for an
 gradient. Then nothing is gained by the token-sparse machinery (gathers, compact saves, a kept-token
 attention backward written for κ < 1) and something is lost, so ``fast_forward`` routes such a step here: a
 plain autograd forward of the Llama recipe on [B, T] with SDPA's causal flash / cuDNN kernels and, on CUDA
-with liger-kernel installed, Liger's fused RMSNorm, RoPE, SwiGLU and linear cross-entropy — the dense step
-of ``Trainer(use_liger_kernel=True)``, so never slower than it. Each decoder layer still runs through its own
+with liger-kernel installed, fused kernels — Liger's RoPE and linear cross-entropy, our Triton RMSNorm and
+SwiGLU (whose backward is faster than Liger's): the dense step of ``Trainer(use_liger_kernel=True)`` with
+two kernels swapped for faster ones. Each decoder layer still runs through its own
 module call (hooks such as FSDP2's see it).
 
 The route is taken only where it is the same computation: plain causal rows (no padding mask, no packed
@@ -23,11 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from centrifuge.models.registry import ArchSpec
-from centrifuge.ops.liger import LigerDenseOps, TorchDenseOps, liger_kernels_usable
+from centrifuge.ops.liger import FusedDenseOps, TorchDenseOps, liger_kernels_usable
 from centrifuge.tokens import direct
 
-# Which ops the route uses: "auto" = Liger's on CUDA when installed (else no route); "torch" (tests: the
-# reference formulas, any device); "off" = never route.
+# Which ops the route uses: "auto" = on CUDA with liger-kernel installed, ``FusedDenseOps`` (our Triton RMSNorm
+# and SwiGLU, Liger's RoPE and fused linear CE), else no route; "torch" (tests: the reference formulas, any
+# device); "off" = never route.
 ROUTE = {"ops": "auto"}
 
 
@@ -37,7 +39,7 @@ def route_ops(device: torch.device) -> TorchDenseOps | None:
     if choice == "torch":
         return TorchDenseOps()
     if choice == "auto" and liger_kernels_usable(device):
-        return LigerDenseOps()
+        return FusedDenseOps()
     return None
 
 

@@ -11,7 +11,7 @@ Liger-Kernel (``liger_kernel.transformers``) patches a Hugging Face model in two
   ``forward`` (and ``extra_repr`` / ``_get_name``) bound on the model and on every norm and MLP instance.
 
 Centrifuge's token-sparse layer does not run those modules' forwards: it computes RMSNorm, RoPE and SwiGLU
-itself (``centrifuge.ops.elementwise``; eager formulas, our Triton kernels, or Liger's on CUDA). So a
+itself (``centrifuge.ops.elementwise``: torch formulas, or our Triton kernels on CUDA). So a
 Liger-patched module is accepted where it computes exactly the formula of the module it replaced
 (``centrifuge.ops.liger``: ``is_liger_rms_norm``, ``is_liger_swiglu``, ``is_liger_rope``). The model's own
 (Liger) forward keeps serving calls without ``keep_mask`` / ``select``.

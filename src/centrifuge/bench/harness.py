@@ -283,6 +283,7 @@ def measure(spec: VariantSpec, run: Run, *, opts: BenchOptions, device: torch.de
     spec.enable(run, variant)
     try:
         optimizer, opt_kind = make_optimizer(run.model, lr=opts.lr)
+        variant.setup_optimizer(run, optimizer)
         out = time_steps(variant, run, optimizer, reps=opts.reps, warmup=opts.warmup, clock=clock,
                          memory=memory)
         out["optimizer"] = opt_kind
@@ -362,7 +363,8 @@ def run_bench(opts: BenchOptions, *, on_row: Callable[[list[dict[str, Any]]], No
                 "reps": opts.reps, "warmup": opts.warmup, "status": "ok", "note": "",
             }
             entries.append(((g_index, v_index, -1.0 if keep is None else keep), row))
-            why = spec.cls.unavailable()
+            why = spec.cls.unavailable() or (
+                "needs CUDA (Triton kernels)" if spec.cls.needs_cuda and device.type != "cuda" else None)
             if why:
                 row["status"] = f"unavailable: {why}"
                 say(f"  {spec.label}: skipped ({why})")

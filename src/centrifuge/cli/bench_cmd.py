@@ -1,4 +1,5 @@
-"""``centrifuge bench``: time dense, loss-only, ideal, narrow (and Centrifuge) training steps in one process.
+"""``centrifuge bench``: time dense (eager, compiled, Liger-Kernel), loss-only, ideal, narrow and Centrifuge
+training steps in one process; ratios are to the strongest dense measured.
 
 Examples::
 
@@ -46,8 +47,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--omit", type=float, default=0.5, metavar="ρ",
                    help="omission rate of narrow / narrow_heads shapes (default 0.5)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="comma list: dense,loss_only,ideal,narrow,narrow_heads,centrifuge,... with modifiers "
-                        "+ckpt, +narrow, +narrow_heads (e.g. ideal+ckpt); 'default', 'all' (see --list)")
+                   help="comma list: dense,dense_compiled,dense_liger,loss_only,ideal,narrow,narrow_heads,"
+                        "centrifuge,... with modifiers +ckpt, +narrow, +narrow_heads (e.g. ideal+ckpt); 'default', "
+                        "'all' (see --list). Ratios are to the fastest dense variant measured")
     p.add_argument("--reps", type=int, default=10, help="measured repetitions (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up repetitions (default 3)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,

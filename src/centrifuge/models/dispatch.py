@@ -53,6 +53,8 @@ def install_layer_dispatch(layer: nn.Module) -> None:
             return own(*args, **kwargs) if had_instance_forward else type(self).forward(self, *args, **kwargs)
         (h,) = args
         call = _centrifuge_step
+        if not isinstance(call, LayerCall):  # the all-kept dense route's layer (tokens.dense_route.DenseCall)
+            return call(self, h)
         return token_sparse_layer(h, self, call.spec, call.step, call.layout, call.rope)
 
     setattr(layer, _DISPATCH_ATTR, (had_instance_forward, own, forward))

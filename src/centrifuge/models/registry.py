@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch.nn as nn
 
+from centrifuge.ops.liger import is_liger_swiglu
+
 Norms = tuple[str | None, str | None, str | None, str | None]
 # Norm module names of a decoder layer: (before attention, after attention, before the MLP, after the MLP).
 PRE_NORMS: Norms = ("input_layernorm", None, "post_attention_layernorm", None)  # Llama: pre-LN
@@ -187,7 +189,10 @@ def spec_for(model: nn.Module) -> ArchSpec:
             raise UnsupportedModelError(f"config.{name}={getattr(config, name)!r} ({what}) is not supported by "
                                         f"Centrifuge; unset it (0 / None / False)")
     for layer in inner.layers:
-        for attr in layer_attrs(spec):
+        attrs = layer_attrs(spec)
+        if is_liger_swiglu(getattr(layer, "mlp", None)):  # Liger's SwiGLU MLP has no act_fn (SiLU built in)
+            attrs = tuple(a for a in attrs if a != f"mlp.{spec.activation}")
+        for attr in attrs:
             obj = layer
             for part in attr.split("."):
                 obj = getattr(obj, part, None)

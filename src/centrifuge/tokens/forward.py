@@ -43,6 +43,9 @@ from centrifuge.models.dispatch import LayerCall, call_layer
 from centrifuge.models.reference_attention import REFERENCE_ATTENTION
 from centrifuge.models.registry import ArchSpec
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss, token_loss_no_grad
+from centrifuge.ops.elementwise import rms_norm
+from centrifuge.ops.liger import is_liger_rms_norm, liger_ce_sum, liger_kernels_usable
+from centrifuge.tokens import dense_route
 from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState
 from centrifuge.tokens.layout import TokenLayout
 
@@ -117,6 +120,18 @@ def _normed_token_loss(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, t
     return token_loss(rows, weight, targets, bias, softcap=softcap)
 
 
+def _kept_loss_sum(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of CE (fp32, differentiable) of the kept rows normed [M, d] (through the final norm): Liger's fused
+    linear cross-entropy on CUDA where it applies (no soft-cap, no autocast, matching dtypes: the measured
+    setting), else the chunked loss; neither holds [M, vocab] fp32 logits at once."""
+    weight, bias = _lm_head(model)
+    rows, softcap = _head_input(model, spec, normed)
+    if (softcap is None and liger_kernels_usable(rows.device) and rows.dtype == weight.dtype
+            and not torch.is_autocast_enabled(rows.device.type)):
+        return liger_ce_sum(rows, weight, targets, bias)
+    return token_loss(rows, weight, targets, bias, softcap=softcap).sum()
+
+
 def _wants_router_logits(model: nn.Module, spec: ArchSpec) -> bool:
     """Whether the step adds the mixture of experts' load-balancing loss (``config.output_router_logits``)."""
     return spec.moe and bool(getattr(model.config, "output_router_logits", False))
@@ -133,6 +148,15 @@ def _rope_tables(inner: nn.Module, embeds: torch.Tensor, position_ids: torch.Ten
         rotary = inner.rotary_emb_local if layer_type == "sliding_attention" else inner.rotary_emb
         return rotary(embeds, position_ids)
     return inner.rotary_emb(embeds, position_ids, layer_type)
+
+
+def _final_norm(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The model's final norm on rows h [R, d]; a Liger RMSNorm off CUDA runs its formula in torch (Liger's
+    Triton kernels need a GPU)."""
+    norm = model.model.norm
+    if not h.is_cuda and is_liger_rms_norm(norm):
+        return rms_norm(h, norm.weight, norm.variance_epsilon)
+    return norm(h)
 
 
 def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -274,6 +298,10 @@ def fast_forward(
         elementwise = "compiled" if input_ids.is_cuda else "eager"
     if keep_mask is not None:
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
+        routed = _dense_route(model, spec, batch, input_ids, attention_mask, position_ids, keep_mask, select,
+                              return_token_loss, num_items_in_batch)
+        if routed is not None:
+            return routed
     inner = model.model
     B, T = batch.B, batch.T
     embeds = inner.embed_tokens(input_ids)  # [B, T, d] (scaled inside the module where the family does: Gemma)
@@ -316,15 +344,30 @@ def fast_forward(
     all_loss = None
     if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
         with torch.no_grad():
-            all_loss = _score_rows(model, spec, model.model.norm(h), batch.targets)
+            all_loss = _score_rows(model, spec, _final_norm(model, h), batch.targets)
     if select is not None:
         # made once, here; it reaches the layers' backward as the row indices of the gradient (GatherRows)
         keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
-    loss_sum = _normed_token_loss(model, spec, model.model.norm(h_kept), kept_targets).sum()
+    loss_sum = _kept_loss_sum(model, spec, _final_norm(model, h_kept), kept_targets)
     aux = _aux_loss(model, spec, routers, counted, batch) if router_logits else None
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss, model, aux)
+
+
+def _dense_route(model, spec, batch: _Batch, input_ids, attention_mask, position_ids, keep_mask, select,
+                 return_token_loss, num_items_in_batch) -> TokenFilterOutput | None:
+    """An all-kept step as the plain dense step (``centrifuge.tokens.dense_route``), or None when not taken."""
+    ops = dense_route.route_ops(input_ids.device)
+    if ops is None or not dense_route.eligible(model, spec, attention_mask=attention_mask, position_ids=position_ids,
+                                               select=select, return_token_loss=return_token_loss):
+        return None
+    if not dense_route.covers_all(keep_mask, batch.valid.view(batch.B, batch.T)):
+        return None
+    keep_rows, counted = _resolve_keep(batch, keep_mask)
+    targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
+    loss_sum = dense_route.dense_loss_sum(model, input_ids, targets, ops, call_layer)
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, None)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 #
 # Needs only python3 with torch, transformers (and optionally matplotlib for bench.png; without it
 # run `centrifuge bench --replot OUT_DIR/STAGE` later on a machine that has it). The package is used from
-# the source tree (PYTHONPATH=src), nothing is installed or downloaded. Each stage writes 4 files to
-# OUT_DIR/STAGE (results.json, results.csv, table.txt, bench.png), prints its ratio table last, and
+# the source tree (PYTHONPATH=src), nothing is installed or downloaded. Each stage writes 5 files to
+# OUT_DIR/STAGE (results.json, results.csv, table.txt, bench.png, bench_secondary.png), prints its ratio table last, and
 # stops measuring after its --time-limit so that one stage fits a 10-minute command with room to spare.
 #
 # Stages:
@@ -17,8 +17,8 @@
 #   shapes    Llama-2-7B width (first 8 layers) and Qwen3-0.6B shape, 8×2048, κ = 0.5
 #
 # DEVICE=cpu runs a stage on the CPU (only `smoke` is small enough).
-# Suggested calls (≤ 8 files each): `... run_gpu.sh $OUT headline`, `... run_gpu.sh $OUT seq`,
-# `... run_gpu.sh $OUT shapes`; `smoke headline` together also fits one call.
+# Suggested calls (≤ 8 files each, so one stage per call): `... run_gpu.sh $OUT headline`,
+# `... run_gpu.sh $OUT seq`, `... run_gpu.sh $OUT shapes`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +33,7 @@ PY=${PYTHON:-python3}
 
 # Centrifuge's own variants run where `centrifuge.apply` exists (skipped with a note otherwise).
 # Order matters under --time-limit: the baseline and the ceilings are measured first.
-CEILINGS="dense,dense_compiled,loss_only,ideal,dense+ckpt,ideal+ckpt"
+CEILINGS="dense,dense_compiled,dense_liger,loss_only,ideal,dense+ckpt,ideal+ckpt"
 OURS="centrifuge,centrifuge_select,centrifuge_sdpa,centrifuge_eager,centrifuge+ckpt"
 SHAPES="narrow,narrow_heads,ideal+narrow_heads"
 

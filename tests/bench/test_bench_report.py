@@ -95,3 +95,21 @@ def test_quantile_matches_numpy_default():
 def test_environment_has_versions():
     env = report.environment("cpu")
     assert env["torch"] and env["transformers"] and len(env["source_sha256"]) == 16
+
+
+def test_baseline_is_the_strongest_dense(tmp_path):
+    """Ratios go to the fastest dense variant of the group (here dense_liger); × eager stays against dense."""
+    rows = [_row("dense", None, 300.0, peak=40.0), _row("dense_compiled", None, 270.0, peak=32.0),
+            _row("dense_liger", None, 220.0, peak=26.0), _row("centrifuge", 0.5, 165.0, peak=14.0),
+            _row("centrifuge", 1.0, 230.0, peak=21.0)]
+    report.add_ratios(rows)
+    by = {(r["variant"], r["keep"]): r for r in rows}
+    assert {r["baseline"] for r in rows} == {"dense_liger"}
+    assert by[("centrifuge", 0.5)]["ratio_step_ms"] == pytest.approx(165 / 220)
+    assert by[("centrifuge", 0.5)]["eager_ratio_step_ms"] == pytest.approx(165 / 300)
+    assert by[("centrifuge", 0.5)]["liger_ratio_peak_mem_gib"] == pytest.approx(14 / 26)
+    assert by[("dense", None)]["ratio_step_ms"] == pytest.approx(300 / 220)
+    text = report.format_table(rows)
+    assert "× eager" in text.splitlines()[-6]
+    paths = report.write_results(tmp_path, {}, rows)
+    assert paths["png"] == tmp_path / "bench.png" and (tmp_path / "bench_secondary.png").stat().st_size > 5_000

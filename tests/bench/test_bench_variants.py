@@ -201,3 +201,18 @@ def test_centrifuge_variants_run_and_revert():
     model = build_group_model(Group("tiny", None, 2, 16), parse_variant("dense"), omit=0.5, device=CPU,
                               dtype=torch.float32, seed=0)
     assert centrifuge.patch_mode(model) is None
+
+
+@pytest.mark.skipif(VARIANTS["centrifuge"].unavailable() is not None, reason="centrifuge.apply missing")
+def test_omission_and_cuda_only_variants():
+    """centrifuge_omit runs (plans every step, protects AdamW) and leaves no omitter behind; the Liger variants
+    are reported unavailable on the CPU, not failed."""
+    from centrifuge import neurons
+
+    rows = run_bench(_opts("centrifuge_omit,dense_liger,centrifuge_liger,dense"), say=lambda _: None)
+    status = {r["variant"]: r["status"] for r in rows}
+    assert status["centrifuge_omit"] == "ok" and status["dense"] == "ok", rows
+    assert status["dense_liger"].startswith("unavailable") and status["centrifuge_liger"].startswith("unavailable")
+    model = build_group_model(Group("tiny", None, 2, 16), parse_variant("dense"), omit=0.5, device=CPU,
+                              dtype=torch.float32, seed=0)
+    assert neurons.omitter_of(model) is None

@@ -155,9 +155,9 @@ def test_omission_linear_composes_with_the_shared_layer_recipe():
     assert torch.allclose(q, dq[:, kept_heads])
     assert torch.allclose(k, dk[:, [0, 3]]) and torch.allclose(v, dv[:, [0, 3]])
     o = torch.randn(R, 8, D, dtype=torch.float64, generator=gen)
-    y = layer_output(layer, x, o[:, kept_heads], omission_linear(lp))
+    y = layer_output(layer, spec, x, o[:, kept_heads], omission_linear(lp))
     with reference_omission(model, plan):
-        ref = layer_output(layer, x, o, omission_linear(None))
+        ref = layer_output(layer, spec, x, o, omission_linear(None))
     assert (y - ref).abs().max().item() < TOL
 
 

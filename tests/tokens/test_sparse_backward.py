@@ -76,7 +76,8 @@ def test_packed_documents_with_restarting_positions(gen):
     labels = ids.clone()
     labels[pos == 0] = -100  # no prediction across a document boundary
     keep = torch.rand(B, T, generator=gen) < 0.5
-    inputs = dict(input_ids=ids, position_ids=pos, labels=labels, keep_mask=keep)
+    # use_cache=False: HF keeps packed documents apart only without a KV cache (the patched model follows it)
+    inputs = dict(input_ids=ids, position_ids=pos, labels=labels, keep_mask=keep, use_cache=False)
     _, ref = run_mode(model, "reference", **inputs)
     _, got = run_mode(model, "fast", **inputs)
     assert max_rel_err(got, ref) < 1e-10
@@ -249,8 +250,9 @@ def test_apply_revert_and_errors(gen):
     with pytest.raises(ValueError, match="mode"):
         centrifuge.apply(model, mode="fastest")
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(centrifuge.UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
+    with pytest.raises(centrifuge.UnsupportedModelError, match="'gpt2'") as err:
         centrifuge.apply(gpt2)
+    assert all(family in str(err.value) for family in centrifuge.REGISTRY)  # names every supported family
 
 
 def test_patched_forward_keeps_the_original_signature():
@@ -265,3 +267,20 @@ def test_patched_forward_keeps_the_original_signature():
     assert {"keep_mask", "select", "num_items_in_batch"} <= set(after)
     centrifuge.revert(model)
     assert inspect.signature(model.forward).parameters == before
+
+
+def test_a_layer_forward_replaced_after_apply_is_detected(gen):
+    """Another library patching a decoder layer's forward after apply: the token-sparse step refuses to run the
+    replacement (it would lose the kept-rows backward), and revert leaves the replacement alone."""
+    model = tiny_model("llama")
+    ids, keep = random_batch(gen, B=2, T=8)
+    centrifuge.apply(model)
+    layer = model.model.layers[1]
+    replacement = layer.forward
+    layer.forward = lambda *args, **kwargs: replacement(*args, **kwargs)
+    with pytest.raises(RuntimeError, match="replaced after centrifuge.apply"):
+        model(input_ids=ids, labels=ids, keep_mask=keep)
+    mine = layer.forward
+    centrifuge.revert(model)
+    assert layer.forward is mine and "_centrifuge_layer_dispatch" not in vars(layer)
+    assert "forward" not in vars(model.model.layers[0])

@@ -31,7 +31,7 @@ GIB = float(1 << 30)
 
 # Layer truncation per preset when --layers is not given (Llama-2-7B width: 8 layers fit one 80 GB GPU with
 # 8×2048 tokens, AdamW states included).
-BENCH_LAYERS: dict[str, int] = {"llama2-7b": 8}
+BENCH_LAYERS: dict[str, int] = {"llama2-7b": 8, "gemma3-4b": 8, "qwen3-moe-30b-a3b": 2}
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -283,6 +283,7 @@ def measure(spec: VariantSpec, run: Run, *, opts: BenchOptions, device: torch.de
     spec.enable(run, variant)
     try:
         optimizer, opt_kind = make_optimizer(run.model, lr=opts.lr)
+        variant.setup_optimizer(run, optimizer)
         out = time_steps(variant, run, optimizer, reps=opts.reps, warmup=opts.warmup, clock=clock,
                          memory=memory)
         out["optimizer"] = opt_kind
@@ -362,7 +363,8 @@ def run_bench(opts: BenchOptions, *, on_row: Callable[[list[dict[str, Any]]], No
                 "reps": opts.reps, "warmup": opts.warmup, "status": "ok", "note": "",
             }
             entries.append(((g_index, v_index, -1.0 if keep is None else keep), row))
-            why = spec.cls.unavailable()
+            why = spec.cls.unavailable() or (
+                "needs CUDA (Triton kernels)" if spec.cls.needs_cuda and device.type != "cuda" else None)
             if why:
                 row["status"] = f"unavailable: {why}"
                 say(f"  {spec.label}: skipped ({why})")

@@ -1,9 +1,11 @@
 """Results of ``centrifuge bench``: ratios to dense, the printed table, CSV, JSON, and the PNG plot.
 
-Output directory (4 files): ``results.json`` (environment, configuration, command line, every row),
-``results.csv`` (the rows), ``table.txt`` (what is printed last), ``bench.png`` (per group: step and
-backward ratio against the keep ratio, with the ideal; peak-memory bars). Only the plot needs matplotlib;
-without it the other files are written and ``centrifuge bench --replot DIR`` draws it later elsewhere.
+Output directory (5 files): ``results.json`` (environment, configuration, command line, every row),
+``results.csv`` (the rows), ``table.txt`` (what is printed last), ``bench.png`` (per group: step ratio of
+the headline variants against the keep ratio, with the ideal and the dense baselines; peak-memory bars) and
+``bench_secondary.png`` (the other variants). Ratios are to the strongest dense measured in the same group.
+Only the plots need matplotlib; without it the other files are written and ``centrifuge bench --replot DIR``
+draws them later elsewhere.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ CSV_FIELDS = [
     "fwd_ms", "fwd_ms_p20", "fwd_ms_p80", "bwd_ms", "bwd_ms_p20", "bwd_ms_p80",
     "step_ms", "step_ms_p20", "step_ms_p80", "opt_ms", "opt_ms_p20", "opt_ms_p80",
     "mem_before_gib", "peak_mem_gib", "act_mem_gib", "peak_full_gib", "tokens_per_s", "model_tflop", "mfu",
-    *[f"ratio_{key}" for key, _ in METRICS],
+    *[f"ratio_{key}" for key, _ in METRICS], "eager_ratio_step_ms", "liger_ratio_peak_mem_gib",
     "loss", "optimizer", "n_params", "n_linear_params", "shape", "reps", "warmup", "note",
 ]
 
@@ -123,11 +125,31 @@ def _ok(row: dict[str, Any]) -> bool:
     return row.get("status") == "ok"
 
 
+# The dense variants whose fastest step is the baseline of its group (what a user could run instead).
+DENSE_BASELINES = ("dense", "dense_compiled", "dense_liger", "dense_compiled_model")
+
+
+def strongest_dense(group: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The measured dense baseline with the shortest median step in a group (``variant`` -> row), or None."""
+    rows = [group[n] for n in DENSE_BASELINES if n in group and isinstance(group[n].get("step_ms"), int | float)]
+    return min(rows, key=lambda r: r["step_ms"]) if rows else None
+
+
+def _ratio_of(row: dict[str, Any], base: dict[str, Any] | None, key: str) -> float | None:
+    if base is None:
+        return None
+    v, b = row.get(key), base.get(key)
+    return v / b if isinstance(v, int | float) and isinstance(b, int | float) and b else None
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add ``baseline`` and ``ratio_<metric>`` (variant / baseline) to every successful row, in place.
 
-    The baseline is ``dense`` of the same group, except that a ``+ckpt`` variant is compared with
-    ``dense+ckpt`` when that was measured (``dense+ckpt`` itself against ``dense``)."""
+    The baseline is the **strongest dense** of the same group: the fastest step among the dense variants
+    measured (``DENSE_BASELINES``: eager HF, compiled, Liger-Kernel), except that a ``+ckpt`` variant is
+    compared with ``dense+ckpt`` when that was measured (``dense+ckpt`` itself against the strongest dense).
+    Secondary columns: ``eager_ratio_step_ms`` (step / eager ``dense``'s) and ``liger_ratio_peak_mem_gib``
+    (peak memory / ``dense_liger``'s)."""
     by_group: dict[tuple, dict[str, dict[str, Any]]] = {}
     for row in rows:
         if _ok(row) and row.get("keep") is None:
@@ -138,15 +160,16 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         group = by_group.get(_group_key(row), {})
         mods = [m for m in str(row.get("modifiers") or "").split("+") if m]
-        name = "dense+ckpt" if "ckpt" in mods and row["variant"] != "dense+ckpt" else "dense"
-        base = group.get(name) or group.get("dense")
+        base = strongest_dense(group)
+        if "ckpt" in mods and row["variant"] != "dense+ckpt" and "dense+ckpt" in group:
+            base = group["dense+ckpt"]
+        row["eager_ratio_step_ms"] = _ratio_of(row, group.get("dense"), "step_ms")
+        row["liger_ratio_peak_mem_gib"] = _ratio_of(row, group.get("dense_liger"), "peak_mem_gib")
         if base is None:
             continue
         row["baseline"] = base["variant"]
         for key, _ in METRICS:
-            v, b = row.get(key), base.get(key)
-            numbers = isinstance(v, int | float) and isinstance(b, int | float)
-            row[f"ratio_{key}"] = v / b if numbers and b else None
+            row[f"ratio_{key}"] = _ratio_of(row, base, key)
     return rows
 
 
@@ -192,7 +215,9 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None)
     lines.extend(f"  note: {n}" for n in notes)
     lines.append("  fwd, bwd, opt (AdamW step) are timed back to back in each training step, step = fwd + "
                  "bwd + opt; median over the repetitions (p20/p80 in the CSV/JSON). ratio × = variant / "
-                 "baseline of the same group ('vs'). act = peak − memory held before the forward. MFU = "
+                 "baseline of the same group ('vs': the strongest dense measured, i.e. the fastest step of "
+                 "dense / dense_compiled / dense_liger; +ckpt variants: dense+ckpt); × eager = step / the "
+                 "eager HF dense step. act = peak − memory held before the forward. MFU = "
                  "the variant's own model FLOPs (6·N·tokens + causal attention; the ideal's and "
                  "Centrifuge's backward on κ of the tokens) / step time / peak; tokens/s counts all B×T "
                  "tokens of the step for every variant.")
@@ -204,8 +229,8 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None)
                      f"{(env.get('git_commit') or 'unknown')[:12]}, {cfg.get('dtype', '')}, "
                      f"{cfg.get('reps', '?')} reps after {cfg.get('warmup', '?')} warm-up (median)")
     headers = ["variant", "κ", "vs"]
-    for _, title in METRICS:
-        headers += [title, "×"]
+    for key, title in METRICS:
+        headers += [title, "×"] + (["× eager"] if key == "step_ms" else [])
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(_group_key(row), []).append(row)
@@ -219,6 +244,8 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None)
             if _ok(row):
                 for key, _ in METRICS:
                     cells += [_fmt(key, row.get(key)), _ratio(row.get(f"ratio_{key}"))]
+                    if key == "step_ms":
+                        cells.append(_ratio(row.get("eager_ratio_step_ms")))
                 statuses.append(None)
             else:
                 statuses.append(str(row.get("status")))
@@ -306,9 +333,16 @@ def write_results(out_dir: str | Path, meta: dict[str, Any], rows: list[dict[str
 # --------------------------------------------------------------------------------------------------------
 
 
+# Variants drawn in the headline figure (the others go to the secondary one).
+HEADLINE = ("ideal", "centrifuge", "centrifuge_liger")
+
+
 def plot(path: str | Path, rows: list[dict[str, Any]]) -> Path | None:
-    """Per group: step and backward ratio vs keep ratio (keep-dependent variants; ideal in black; other
-    variants as horizontal lines) and a peak-memory bar chart. None when matplotlib is missing."""
+    """Two figures, one row per group. ``path`` (bench.png): step ratio vs κ of the headline variants
+    (``HEADLINE``) against the strongest dense (= 1) and the other dense baselines, and a peak-memory panel.
+    ``<stem>_secondary.png`` beside it: step and backward ratios of every other variant (κ-dependent ones
+    as lines, the rest as levels). Legends sit outside the axes. Returns ``path``, or None without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -322,61 +356,90 @@ def plot(path: str | Path, rows: list[dict[str, Any]]) -> Path | None:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(_group_key(row), []).append(row)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(14, 4.6 * len(groups)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.15, 1]})
-    for (ax_k, ax_m), group_rows in zip(axes, groups.values(), strict=True):
-        _plot_keep(ax_k, group_rows)
-        _plot_memory(ax_m, group_rows)
-        titled = next((r for r in group_rows if r.get("shape")), group_rows[0])
-        ax_k.set_title(f"{_group_title(titled)}\ntime ratio to dense (+ckpt variants: to dense+ckpt) vs keep ratio κ",
-                       fontsize=9)
-        ax_m.set_title("peak memory, GiB and ratio to baseline (hatched: held before the forward)", fontsize=9)
-    fig.tight_layout()
     path = Path(path)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(14, 6.0 * len(groups)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.35, 1]})
+    for (ax_k, ax_m), group_rows in zip(axes, groups.values(), strict=True):
+        base = _baseline_text(group_rows)
+        _plot_keep(ax_k, group_rows, headline=True)
+        _plot_memory(ax_m, group_rows)
+        ax_k.set_title(f"{_title(group_rows)}\nstep time / strongest dense ({base}) vs keep ratio κ", fontsize=9)
+        ax_m.set_title("peak memory, GiB and ratio to the strongest dense\n(hatched: held before the forward)",
+                       fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(11, 6.0 * len(groups)), squeeze=False)
+    for (ax,), group_rows in zip(axes, groups.values(), strict=True):
+        _plot_keep(ax, group_rows, headline=False)
+        ax.set_title(f"{_title(group_rows)}\nother variants: step (solid) and backward (dashed) time / "
+                     f"strongest dense ({_baseline_text(group_rows)}); +ckpt variants: / dense+ckpt", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path.with_name(f"{path.stem}_secondary{path.suffix}"), dpi=110)
     plt.close(fig)
     return path
 
 
-def _plot_keep(ax: Any, rows: list[dict[str, Any]]) -> None:
+def _title(rows: list[dict[str, Any]]) -> str:
+    return _group_title(next((r for r in rows if r.get("shape")), rows[0]))
+
+
+def _baseline_text(rows: list[dict[str, Any]]) -> str:
+    base = next((r["baseline"] for r in rows if _ok(r) and r.get("keep") is None and r.get("baseline")
+                 and not r.get("modifiers")), None)
+    row = next((r for r in rows if r.get("variant") == base and _ok(r)), None)
+    return "none measured" if row is None else f"{base}, {row['step_ms']:.1f} ms"
+
+
+def _plot_keep(ax: Any, rows: list[dict[str, Any]], *, headline: bool) -> None:
     ok = [r for r in rows if _ok(r) and r.get("ratio_step_ms") is not None]
     keep_rows: dict[str, list[dict[str, Any]]] = {}
     for r in ok:
-        if r.get("keep") is not None:
+        if r.get("keep") is not None and (r["variant"] in HEADLINE) == headline:
             keep_rows.setdefault(r["variant"], []).append(r)
-    cycle = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+    cycle = iter(["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
                   "tab:olive", "tab:cyan"])
-    keeps = sorted({r["keep"] for rs in keep_rows.values() for r in rs})
+    keeps = sorted({r["keep"] for r in ok if r.get("keep") is not None})
     for label, rs in keep_rows.items():
         rs = sorted(rs, key=lambda r: r["keep"])
         color = "black" if label == "ideal" else next(cycle, "gray")
         xs = [r["keep"] for r in rs]
         ax.plot(xs, [r["ratio_step_ms"] for r in rs], "-o", color=color, lw=2 if label == "ideal" else 1.5,
                 label=f"{label} step")
-        ax.plot(xs, [r["ratio_bwd_ms"] for r in rs], "--s", color=color, lw=1, ms=4, label=f"{label} bwd")
-    if keeps:
+        if not headline:
+            ax.plot(xs, [r["ratio_bwd_ms"] for r in rs], "--s", color=color, lw=1, ms=4, label=f"{label} bwd")
+    if headline and len(keeps) > 1:
         ax.plot(keeps, keeps, ":", color="gray", lw=1, label="y = κ")
-    for r in ok:
-        if r.get("keep") is None and r["variant"] != "dense":
-            ax.axhline(r["ratio_step_ms"], color="gray", lw=0.8, ls="-.")
-            ax.annotate(f"{r['variant']} step {r['ratio_step_ms']:.3f}", (0.01, r["ratio_step_ms"]),
-                        xycoords=("axes fraction", "data"), fontsize=7, va="bottom", color="dimgray")
-    ax.axhline(1.0, color="black", lw=0.6)
+    levels = [r for r in ok if r.get("keep") is None
+              and ((r["base"] in DENSE_BASELINES and not r.get("modifiers")) == headline)]
+    styles = iter(["-.", "--", ":", (0, (5, 1)), (0, (3, 1, 1, 1))])
+    for r in levels:
+        if r["ratio_step_ms"] == 1.0 and headline:
+            continue  # the baseline itself: the black line at 1
+        ax.axhline(r["ratio_step_ms"], color="dimgray", lw=1, ls=next(styles, "-."),
+                   label=f"{r['variant']} step ({r['ratio_step_ms']:.3f})")
+    ax.axhline(1.0, color="black", lw=0.8, label="strongest dense = 1" if headline else None)
     ax.set_xlabel("keep ratio κ")
-    ax.set_ylabel("time / dense time")
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel("time / strongest dense time")
+    shown = [r["ratio_step_ms"] for rs in keep_rows.values() for r in rs] + [1.0]
+    shown += [r["ratio_bwd_ms"] for rs in keep_rows.values() for r in rs if not headline and r.get("ratio_bwd_ms")]
+    shown += [r["ratio_step_ms"] for r in levels if r["ratio_step_ms"] < 2.5]  # off-scale levels: in the legend
+    ax.set_ylim(0, 1.12 * max(shown))
     if keeps:
-        ax.set_xlim(0, 1)
+        ax.set_xlim(0, 1.02)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no variant of this kind measured", ha="center", va="center", transform=ax.transAxes)
 
 
 def _plot_memory(ax: Any, rows: list[dict[str, Any]]) -> None:
     ok = [r for r in rows if _ok(r) and r.get("peak_mem_gib") is not None]
     if not ok:
-        ax.text(0.5, 0.5, "no CUDA memory statistics (CPU run)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no memory panel: CUDA allocator statistics exist only on a GPU run\n"
+                "(this was a CPU run: times are a smoke test, not a measurement)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=9)
         ax.set_axis_off()
         return
     keeps = sorted({r["keep"] for r in ok if r.get("keep") is not None})

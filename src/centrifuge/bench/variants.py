@@ -170,6 +170,7 @@ class Variant:
     help: ClassVar[str] = ""
     uses_keep: ClassVar[bool] = False
     separate_backward_graph: ClassVar[bool] = False
+    needs_cuda: ClassVar[bool] = False  # skipped (status "unavailable") on other devices
     composition: ClassVar[str] = "fwd, bwd and opt timed back to back in one training step"
 
     @classmethod
@@ -195,6 +196,9 @@ class Variant:
     def backward(self, run: Run, loss: torch.Tensor) -> None:
         """The timed backward."""
         loss.backward()
+
+    def setup_optimizer(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the variant's optimizer, after ``prepare`` (e.g. neuron omission's protect)."""
 
     def cleanup(self, run: Run) -> None:
         """Undo ``prepare`` (the model is reused by the next variant)."""
@@ -227,13 +231,56 @@ class Dense(Variant):
 @register
 class DenseCompiled(Variant):
     name = "dense_compiled"
-    help = "the dense baseline under torch.compile (nn.Module.compile; compiled once in the warm-up)"
+    help = ("the dense baseline with every decoder layer under torch.compile (nn.Module.compile per layer; "
+            "the causal mask is built eagerly, so SDPA keeps is_causal and its flash / cuDNN kernels)")
+
+    def prepare(self, run: Run) -> None:
+        for layer in run.model.model.layers:
+            layer.compile()
+
+    def cleanup(self, run: Run) -> None:
+        for layer in run.model.model.layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager __call__
+
+
+@register
+class DenseCompiledModel(Variant):
+    name = "dense_compiled_model"
+    help = ("the dense baseline under model.compile() (whole model). With torch < 2.14, transformers builds a "
+            "materialized [T, T] causal mask while compiling, so SDPA leaves its flash kernels: slow at long T")
 
     def prepare(self, run: Run) -> None:
         run.model.compile()
 
     def cleanup(self, run: Run) -> None:
-        run.model._compiled_call_impl = None  # what nn.Module.compile set: back to the eager __call__
+        run.model._compiled_call_impl = None
+
+
+@register
+class DenseLiger(Variant):
+    name = "dense_liger"
+    help = ("the dense baseline with Liger-Kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy "
+            "(its instance patch, as Trainer(use_liger_kernel=True) applies; undone after)")
+    needs_cuda = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        from centrifuge.models.liger import liger_available
+
+        return liger_available()
+
+    def prepare(self, run: Run) -> None:
+        from centrifuge.models.liger import LigerDense
+
+        run.state["liger"] = LigerDense(run.model)
+
+    def cleanup(self, run: Run) -> None:
+        liger = run.state.pop("liger", None)
+        if liger is not None:
+            liger.revert()
+
+
+DENSE_BASELINES = ("dense", "dense_compiled", "dense_liger", "dense_compiled_model")
 
 
 @register
@@ -369,6 +416,33 @@ class CentrifugeBefore(_CentrifugeVariant):
 
 
 @register
+class CentrifugeOnLiger(CentrifugeBefore):
+    name = "centrifuge_liger"
+    help = "as centrifuge, on the model after Liger-Kernel's instance patch (dense_liger's), then centrifuge.apply"
+    needs_cuda = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        from centrifuge.models.liger import liger_available
+
+        return _centrifuge_missing() or liger_available()
+
+    def prepare(self, run: Run) -> None:
+        from centrifuge.models.liger import LigerDense
+
+        run.state["liger"] = LigerDense(run.model)
+        super().prepare(run)
+
+    def cleanup(self, run: Run) -> None:
+        try:
+            super().cleanup(run)
+        finally:
+            liger = run.state.pop("liger", None)
+            if liger is not None:
+                liger.revert()
+
+
+@register
 class CentrifugeEager(CentrifugeBefore):
     name = "centrifuge_eager"
     help = "as centrifuge, with the element-wise ops eager (apply(compile=False))"
@@ -397,6 +471,35 @@ class CentrifugeStockCompiled(CentrifugeStock):
 
 
 @register
+class CentrifugeOmit(CentrifugeBefore):
+    name = "centrifuge_omit"
+    help = ("as centrifuge, plus neuron omission at rate ρ (--omit) of MLP channels and KV-group heads (uniform "
+            "importance, sampled, multiples of 64), a new plan every step, AdamW protected")
+
+    def prepare(self, run: Run) -> None:
+        from centrifuge import neurons
+
+        super().prepare(run)
+        run.state["omitter"] = neurons.attach(run.model, rate=run.omit, metric="uniform", select="sample",
+                                              multiple=64, mlp=True, heads=True, seed=run.seed)
+        run.state["step"] = 0
+
+    def setup_optimizer(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
+        run.state["omitter"].protect(optimizer)
+
+    def forward(self, run: Run) -> torch.Tensor:
+        run.state["omitter"].plan(run.state["step"])
+        run.state["step"] += 1
+        return super().forward(run)
+
+    def cleanup(self, run: Run) -> None:
+        omitter = run.state.pop("omitter", None)
+        if omitter is not None:
+            omitter.revert()
+        super().cleanup(run)
+
+
+@register
 class CentrifugeSelect(_CentrifugeVariant):
     name = "centrifuge_select"
     help = "Centrifuge token-sparse backward, top-κ of the current per-token loss chosen after the forward"
@@ -420,7 +523,10 @@ class CentrifugeLossOnly(_CentrifugeVariant):
         return run.model(input_ids=run.input_ids, labels=run.labels, keep_mask=run.keep).loss
 
 
-DEFAULT_VARIANTS = ("dense", "loss_only", "ideal", "narrow", "narrow_heads", "centrifuge")
+# The strong dense baselines run by default: ratios are to the fastest dense measured (dense_liger is skipped
+# where liger-kernel or CUDA is missing).
+DEFAULT_VARIANTS = ("dense", "loss_only", "ideal", "narrow", "narrow_heads", "dense_compiled", "dense_liger",
+                    "centrifuge")
 
 # --------------------------------------------------------------------------------------------------------
 # Modifiers and variant specs ("ideal+ckpt")

@@ -1,4 +1,5 @@
-"""``centrifuge bench``: time dense, loss-only, ideal, narrow (and Centrifuge) training steps in one process.
+"""``centrifuge bench``: time dense (eager, compiled, Liger-Kernel), loss-only, ideal, narrow and Centrifuge
+training steps in one process; ratios are to the strongest dense measured.
 
 Examples::
 
@@ -34,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="model preset(s) (default: tinyllama-1.1b on CUDA, tiny on the CPU)")
     p.add_argument("--layers", nargs="+", default=None, metavar="N|PRESET=N",
                    help="truncate to N decoder layers (all presets, or per preset as PRESET=N); "
-                        "default: llama2-7b=8, others full depth")
+                        "default: llama2-7b=8, gemma3-4b=8, qwen3-moe-30b-a3b=2, others full depth")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 on CUDA, 2 on CPU)")
     p.add_argument("--seq", nargs="+", type=int, default=None, metavar="T",
                    help="sequence length(s) (default 2048 on CUDA, 128 on CPU)")
@@ -46,8 +47,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--omit", type=float, default=0.5, metavar="ρ",
                    help="omission rate of narrow / narrow_heads shapes (default 0.5)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="comma list: dense,loss_only,ideal,narrow,narrow_heads,centrifuge,... with modifiers "
-                        "+ckpt, +narrow, +narrow_heads (e.g. ideal+ckpt); 'default', 'all' (see --list)")
+                   help="comma list: dense,dense_compiled,dense_liger,loss_only,ideal,narrow,narrow_heads,"
+                        "centrifuge,... with modifiers +ckpt, +narrow, +narrow_heads (e.g. ideal+ckpt); 'default', "
+                        "'all' (see --list). Ratios are to the fastest dense variant measured")
     p.add_argument("--reps", type=int, default=10, help="measured repetitions (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up repetitions (default 3)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,

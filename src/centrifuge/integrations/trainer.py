@@ -124,6 +124,7 @@ class TokenFiltering:
         self.keep_masks: list[torch.Tensor | None] = []
         self._saved_attrs: dict[str, object] = {}
         self._saved_ddp = None  # the DDP kwargs handler whose find_unused_parameters was switched off
+        self._liger_applied = False  # Liger-Kernel applied here for Trainer(use_liger_kernel=True)
 
     # ------------------------------------------------------------------------------------------ install
 
@@ -137,6 +138,15 @@ class TokenFiltering:
             # The Trainer drops dataset columns the model's forward does not name; it must read the original
             # forward's signature, not the patched (*args, keep_mask=..., **kwargs) one.
             trainer._set_signature_columns_if_needed()
+        if getattr(trainer.args, "use_liger_kernel", False):
+            # Trainer.train() would apply Liger-Kernel when training starts, rebinding the model's forward over
+            # Centrifuge's (token filtering silently off). Apply it now, under Centrifuge's patch, and tell the
+            # trainer it is done; revert() gives the flag back (Liger's kernels stay, as train() leaves them).
+            from transformers.integrations.liger import apply_liger_kernel
+
+            apply_liger_kernel(trainer.model, trainer.args.liger_kernel_config)
+            trainer.args.use_liger_kernel = False
+            self._liger_applied = True
         centrifuge.apply(trainer.model, mode=self.mode, attention=self.attention)
         handler = getattr(getattr(trainer, "accelerator", None), "ddp_handler", None)
         if self.mode == "fast" and handler is not None and handler.find_unused_parameters:
@@ -181,6 +191,8 @@ class TokenFiltering:
             else:
                 setattr(trainer, name, value)
         centrifuge.revert(trainer.model)
+        if self._liger_applied:
+            trainer.args.use_liger_kernel = True
         if self._saved_ddp is not None:
             self._saved_ddp.find_unused_parameters = True
         if getattr(trainer, _ATTR, None) is self:

@@ -20,15 +20,10 @@ import weakref
 import torch
 import torch.nn as nn
 
+from centrifuge.models.dispatch import install_layer_dispatch, remove_layer_dispatch
+from centrifuge.models.reference_attention import REFERENCE_ATTENTION
 from centrifuge.models.registry import spec_for
-from centrifuge.tokens.forward import (
-    MODES,
-    REFERENCE_ATTENTION,
-    fast_forward,
-    install_layer_dispatch,
-    reference_forward,
-    remove_layer_dispatch,
-)
+from centrifuge.tokens.forward import MODES, fast_forward, reference_forward
 
 log = logging.getLogger("centrifuge")
 _STATE_ATTR = "_centrifuge_patch"
@@ -71,6 +66,36 @@ class PatchState:
     had_instance_forward: bool
     original_forward: object
     original_attn_implementation: str | None = None  # restored by revert (reference mode switches it)
+    patched_forward: object = None  # the bound forward apply installed (to detect a later replacement)
+    guard: object = None  # handle of the forward pre-hook that refuses keep_mask once the forward is replaced
+
+    def replaced(self, model: nn.Module) -> bool:
+        """Whether something (e.g. Liger-Kernel's instance patch) replaced the forward apply installed."""
+        return vars(model).get("forward") is not self.patched_forward
+
+
+class ForwardReplacedError(RuntimeError):
+    """The forward ``centrifuge.apply`` installed was replaced afterwards: token filtering would be off."""
+
+
+def _replaced_message(model: nn.Module) -> str:
+    now = vars(model).get("forward")
+    who = getattr(getattr(now, "__func__", now), "__module__", None) or "another patch"
+    return (f"the forward of this Centrifuge-patched {type(model).__name__} was replaced after centrifuge.apply "
+            f"(now {who}), so keep_mask / select would be ignored; call centrifuge.apply(model) again after the "
+            "other patch (Liger-Kernel: apply it first — centrifuge.apply accepts Liger-patched models; in a "
+            "Trainer with use_liger_kernel=True, enable_token_filtering applies Liger itself)")
+
+
+def _guard(model: nn.Module, args, kwargs):
+    """Forward pre-hook (it survives a forward replacement): refuse a token-filtering call that would run a
+    forward other than Centrifuge's."""
+    if kwargs.get("keep_mask") is None and kwargs.get("select") is None:
+        return None
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None and state.replaced(model):
+        raise ForwardReplacedError(_replaced_message(model))
+    return None
 
 
 BACKWARDS = ("auto", "replay")
@@ -133,29 +158,70 @@ def apply(model: nn.Module, *, mode: str = "fast", attention: str = "auto", comp
     def forward(self, *args, keep_mask=None, select=None, num_items_in_batch=None,
                 return_token_loss: bool = False, **kwargs):
         if keep_mask is None and select is None:
-            return original(*args, num_items_in_batch=num_items_in_batch, **kwargs) \
-                if num_items_in_batch is not None else original(*args, **kwargs)
+            # the class's forward looked up now, so a class patch made after apply (Liger's) serves evaluation
+            dense = original if had_instance_forward else types.MethodType(type(self).forward, self)
+            return dense(*args, num_items_in_batch=num_items_in_batch, **kwargs) \
+                if num_items_in_batch is not None else dense(*args, **kwargs)
         if args:
             raise TypeError("pass input_ids and the other inputs by keyword to a Centrifuge-patched model")
         _check_selection_inputs(keep_mask, select, kwargs)
         for name in _NONE_ONLY:  # PeftModelForCausalLM.forward passes these as None
             if name in kwargs and kwargs[name] is None:
                 del kwargs[name]
+        kwargs = _padding_free(kwargs)
         unknown = set(kwargs) - {"input_ids", "attention_mask", "position_ids", "labels", "use_cache"}
         if unknown:
             raise TypeError(f"unsupported arguments with token filtering: {', '.join(sorted(unknown))}")
-        kwargs.pop("use_cache", None)
         return run(self, spec, keep_mask=keep_mask, select=select, num_items_in_batch=num_items_in_batch,
                    return_token_loss=return_token_loss, **kwargs)
 
     forward.__signature__ = _patched_signature(original)
     model.forward = types.MethodType(forward, model)
+    state.patched_forward = model.forward
+    state.guard = model.register_forward_pre_hook(_guard, with_kwargs=True)
     if mode == "fast":  # the token-sparse step runs each decoder layer through its own module call (FSDP2 hooks)
         for layer in model.model.layers:
             install_layer_dispatch(layer)
     log.info("centrifuge: patched %s (model_type=%s, mode=%s, %d layers)", type(model).__name__,
              spec.model_type, mode, len(model.model.layers))
     return model
+
+
+# Padding-free packing (TRL ``padding_free`` / ``packing=True``, HF ``DataCollatorWithFlattening``): one row of
+# concatenated documents, position ids restarting at 0 per document, plus these for varlen kernels.
+PADDING_FREE = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _padding_free(kwargs: dict) -> dict:
+    """Consume padding-free packing's arguments: the documents of the row are given by ``position_ids``
+    (restarting at 0), which the token-sparse layout and the reference's HF mask already keep apart; without
+    ``position_ids`` they are derived from ``cu_seq_lens_q``. ``cu_seq_lens_*`` must mark the same documents
+    as ``position_ids`` (checked; a mismatch raises ValueError)."""
+    if not any(k in kwargs for k in PADDING_FREE):
+        return kwargs
+    kwargs = dict(kwargs)
+    packing = {k: kwargs.pop(k, None) for k in PADDING_FREE}
+    cu = packing["cu_seq_lens_q"] if packing["cu_seq_lens_q"] is not None else packing["cu_seq_lens_k"]
+    ids = kwargs.get("input_ids")
+    if cu is None or ids is None:
+        return kwargs
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"cu_seq_lens_q / cu_seq_lens_k describe one flattened row; input_ids is {tuple(ids.shape)}")
+    if packing["cu_seq_lens_k"] is not None and packing["cu_seq_lens_q"] is not None and not torch.equal(
+            packing["cu_seq_lens_k"].to(cu.device), cu):
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k differ: only self-attention packing is supported")
+    T = ids.shape[1]
+    cu = cu.to(device=ids.device, dtype=torch.long)
+    positions = torch.arange(T, device=ids.device)
+    starts = cu[:-1]
+    doc = torch.searchsorted(starts, positions, right=True) - 1  # [T] document of each position
+    derived = (positions - starts[doc.clamp_min(0)])[None]
+    given = kwargs.get("position_ids")
+    if given is None:
+        kwargs["position_ids"] = derived
+    elif int(cu[-1]) != T or not torch.equal(given.to(derived.device).expand_as(derived) == 0, derived == 0):
+        raise ValueError("cu_seq_lens_q does not mark the same documents as position_ids (restarts at 0)")
+    return kwargs
 
 
 _ADDED = ("keep_mask", "select", "num_items_in_batch", "return_token_loss")
@@ -189,7 +255,11 @@ def revert(model: nn.Module) -> nn.Module:
         return model
     if state.original_attn_implementation is not None:
         model.config._attn_implementation = state.original_attn_implementation
-    if state.had_instance_forward:
+    if state.guard is not None:
+        state.guard.remove()
+    if state.replaced(model):
+        pass  # replaced after apply (e.g. by Liger): leave the newer forward in place
+    elif state.had_instance_forward:
         model.forward = state.original_forward
     else:
         del model.forward
@@ -202,8 +272,9 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def patch_mode(model: nn.Module) -> str | None:
-    """The mode ``model`` is patched with, or None."""
+    """The mode ``model`` is patched with, or None — also when the forward ``apply`` installed was replaced
+    afterwards (token filtering is then off: calls with ``keep_mask`` raise ``ForwardReplacedError``)."""
     if _is_peft(model):
         model = model.get_base_model()
     state = getattr(model, _STATE_ATTR, None)
-    return None if state is None else state.mode
+    return None if state is None or state.replaced(model) else state.mode

@@ -277,7 +277,8 @@ def _attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddi
                   past_key_values=None, **kwargs):
     """Attention on the plan's kept KV groups: hidden_states [B, S, d] → ([B, S, d], attention weights or None).
 
-    Mirrors the HF Llama / Mistral / Qwen2 / Qwen3 attention forward with sliced q / k / v / o projections;
+    Mirrors the HF attention forward of the registry's families with separate projections (Llama, Mistral,
+    Qwen2 / 3, Gemma 2 / 3, Granite; OLMo 2's all-head q/k norm is refused) with sliced q / k / v / o projections;
     keeping whole KV groups leaves ``num_key_value_groups`` valid for every attention backend."""
     om: LayerOmission = getattr(self, STATE_ATTR)
     training = self.training
@@ -311,8 +312,11 @@ def _attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddi
         k, v = past_key_values.update(k, v, self.layer_idx)
     if hasattr(self, "sliding_window"):
         kwargs.setdefault("sliding_window", self.sliding_window)
-    elif spec.model_type == "mistral":
+    elif spec.model_type in ("mistral", "phi3"):
         kwargs.setdefault("sliding_window", getattr(self.config, "sliding_window", None))
+    softcap = spec.scalar(self.config, spec.attn_softcap)  # Gemma 2
+    if softcap is not None:
+        kwargs.setdefault("softcap", softcap)
     o, weights = _attention_interface(self, spec)(
         self, q, k, v, attention_mask, dropout=0.0 if not training else self.attention_dropout,
         scaling=self.scaling, **kwargs)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from centrifuge import schedules
-from centrifuge.models.registry import spec_for
+from centrifuge.models.registry import UnsupportedModelError, spec_for
 from centrifuge.neurons import importance, statistics
 from centrifuge.neurons.layers import STATE_ATTR, LayerOmission, install, uninstall
 from centrifuge.neurons.plan import (
@@ -129,8 +129,22 @@ class OmissionConfig:
         return cls(**values)
 
 
+def check_omission_support(spec, *, heads: bool) -> None:
+    """Refuse, with the reason, a family (``ArchSpec.omission``) that neuron omission does not cover."""
+    if spec.omission is None:
+        raise UnsupportedModelError(
+            f"neuron omission does not support model_type {spec.model_type!r} (fused projections: omission slices "
+            "separate gate / up / down and q / k / v / o weights); the token-sparse backward does support it")
+    if heads and spec.omission == "mlp":
+        raise UnsupportedModelError(
+            f"neuron omission of attention heads does not support model_type {spec.model_type!r}: its q / k norm "
+            "spans all heads, so a kept head's output would depend on the omitted ones; set heads=False "
+            "(neurons.heads: false) to omit MLP channels only")
+
+
 class Omitter:
-    """Neuron omission on one HF causal LM (Llama, Mistral, Qwen2, Qwen3): patches, plans, statistics."""
+    """Neuron omission on one HF causal LM (the registry's families; see ``check_omission_support``):
+    patches, plans, statistics."""
 
     def __init__(self, model: nn.Module, config: OmissionConfig | None = None, *, total_steps: int | None = None):
         self.model = model
@@ -138,6 +152,7 @@ class Omitter:
         self.total_steps = total_steps
         self.schedule = self.config.make_schedule()
         self.spec = spec_for(model)
+        check_omission_support(self.spec, heads=self.config.heads)
         if hasattr(model, _OMITTER_ATTR):
             raise RuntimeError("model already has an Omitter attached; call its revert() first")
         layers = model.model.layers

@@ -26,6 +26,14 @@ from centrifuge.ops.attention_triton import SUPPORTED_HEAD_DIMS, TritonKeptAtten
 from centrifuge.tokens.layout import TokenLayout
 
 
+def _softcapped(s: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scores after soft-capping ``c · tanh(s / c)`` and its derivative ``1 - tanh²`` (None without a cap)."""
+    if cap is None:
+        return s, None
+    t = torch.tanh(s / cap)
+    return cap * t, 1 - t * t
+
+
 class MathAttention:
     """Explicit softmax attention, one batch row at a time (segments never cross rows).
 
@@ -55,7 +63,7 @@ class MathAttention:
         for rows in self._row_slices(layout):
             qb = q[rows].to(ct).view(-1, Hkv, G, D)
             kb, vb = k[rows].to(ct), v[rows].to(ct)
-            s = torch.einsum("qhgd,khd->hgqk", qb, kb) * scale
+            s = _softcapped(torch.einsum("qhgd,khd->hgqk", qb, kb) * scale, layout.softcap)[0]
             s = s.masked_fill(~layout.visible(rows, rows), float("-inf"))
             m = torch.logsumexp(s, dim=-1)  # [Hkv, G, T]
             p = torch.exp(s - m[..., None])
@@ -89,12 +97,14 @@ class MathAttention:
             ob = o[sel].to(ct).view(-1, Hkv, G, D)
             lb = aux[sel].to(ct).view(-1, Hkv, G).permute(1, 2, 0)  # [Hkv, G, m]
             kb, vb = k[rows].to(ct), v[rows].to(ct)
-            s = torch.einsum("qhgd,khd->hgqk", qb, kb) * scale
+            s, dcap = _softcapped(torch.einsum("qhgd,khd->hgqk", qb, kb) * scale, layout.softcap)
             vis = layout.visible(kq, rows)
             p = torch.exp(s - lb[..., None]).masked_fill(~vis, 0.0)  # [Hkv, G, m, T]
             dp = torch.einsum("qhgd,khd->hgqk", dob, vb)
             delta = (dob * ob).sum(-1).permute(1, 2, 0)  # D = rowsum(dO ∘ O): [Hkv, G, m]
             ds = p * (dp - delta[..., None])
+            if dcap is not None:  # through the soft-cap: d(c·tanh(s/c))/ds = 1 - tanh²(s/c)
+                ds = ds * dcap
             dq[sel] = (torch.einsum("hgqk,khd->qhgd", ds, kb) * scale).reshape(-1, H, D)
             # dK / dV of kept keys from kept queries only: restrict the key axis to kept rows.
             key_cols = kq - b * T
@@ -215,6 +225,8 @@ BACKENDS = {"math": _MATH, "flash": _FLASH, "sdpa": _SDPA, "triton": _TRITON}
 def choose_backend(name: str, q: torch.Tensor, layout: TokenLayout):
     """``name``: "auto" (triton, else sdpa / flash where they apply, else math) or a key of ``BACKENDS``."""
     if name == "auto":
+        if layout.softcap is not None:  # only the math backend soft-caps scores
+            return _MATH
         # The fused kept-token kernels (ops.attention_triton) wherever they apply.
         if TritonKeptAttention.supports(q, layout):
             return _TRITON
@@ -226,6 +238,9 @@ def choose_backend(name: str, q: torch.Tensor, layout: TokenLayout):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose auto, {', '.join(BACKENDS)}")
     backend = BACKENDS[name]
+    if layout.softcap is not None and backend is not _MATH:
+        raise ValueError(f"attention score soft-capping (Gemma 2's attn_logit_softcapping) is computed by the math "
+                         f"backend only, not {name!r}; use attention='math' or 'auto', or set the cap to None")
     if backend is _FLASH and not FlashVarlenAttention.supports(q, layout):
         raise ValueError("the flash backend needs CUDA, fp16/bf16, head_dim ≤ 256 and contiguous segments")
     if backend is _SDPA and not SdpaAttention.supports(q, layout):

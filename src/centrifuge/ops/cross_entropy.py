@@ -31,11 +31,21 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _softcap(logits: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits soft-capped ``c · tanh(z / c)`` (Gemma 2's final_logit_softcapping) and the derivative
+    ``1 - tanh²`` for the backward; unchanged and None without a cap."""
+    if cap is None:
+        return logits, None
+    t = torch.tanh(logits / cap)
+    return cap * t, 1 - t * t
+
+
 def reference_token_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+    *, softcap: float | None = None,
 ) -> torch.Tensor:
     """[N] per-token CE computed from full fp32 logits (the reference)."""
-    logits = F.linear(hidden, weight, bias).to(_accumulation_dtype(hidden))
+    logits = _softcap(F.linear(hidden, weight, bias).to(_accumulation_dtype(hidden)), softcap)[0]
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
@@ -43,13 +53,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-token CE of ``hidden @ weight.T`` computed chunk by chunk; backward recomputes chunk logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap=None):
         acc = _accumulation_dtype(hidden)
         losses = hidden.new_zeros(hidden.shape[0], dtype=acc)
         lse_all = hidden.new_zeros(hidden.shape[0], dtype=acc)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = F.linear(hidden[rows], weight, bias).to(acc)
+            logits = _softcap(F.linear(hidden[rows], weight, bias).to(acc), softcap)[0]
             lse = torch.logsumexp(logits, dim=-1)
             tgt = targets[rows]
             valid = tgt != IGNORE_INDEX
@@ -57,7 +67,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             losses[rows] = torch.where(valid, lse - picked, 0.0)
             lse_all[rows] = lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.softcap = chunk_size, softcap
         return losses
 
     @staticmethod
@@ -74,10 +84,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # no skipping of all-ignored chunks: asking would synchronise host and GPU once per chunk, and the
             # training step's backward starts here — the host could not queue the layers' backward ahead
             scale = torch.where(tgt != IGNORE_INDEX, grad_losses[rows].to(acc), 0.0)
-            logits = F.linear(hidden[rows], weight, bias).to(acc)
+            logits, dcap = _softcap(F.linear(hidden[rows], weight, bias).to(acc), ctx.softcap)
             dlogits = torch.exp(logits - lse_all[rows, None])
             dlogits.scatter_add_(1, tgt.clamp_min(0)[:, None], -torch.ones_like(dlogits[:, :1]))
             dlogits *= scale[:, None]
+            if dcap is not None:
+                dlogits *= dcap
             dlogits = dlogits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = dlogits @ weight
@@ -89,7 +101,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def chunked_token_loss(
@@ -99,13 +111,15 @@ def chunked_token_loss(
     bias: torch.Tensor | None = None,
     *,
     chunk_size: int = 2048,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """[N] per-token CE (fp32) of ``hidden`` [N, d] against ``weight`` [V, d]; differentiable.
 
-    At most ``chunk_size`` × V logits exist at once, in the forward and in the backward."""
+    At most ``chunk_size`` × V logits exist at once, in the forward and in the backward. ``softcap``: logits
+    soft-capped ``c · tanh(z / c)`` before the CE (Gemma 2), or None."""
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets has {targets.shape[0]}")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, softcap)
 
 
 def _liger_available() -> bool:
@@ -123,9 +137,10 @@ def token_loss(
     bias: torch.Tensor | None = None,
     *,
     chunk_size: int = 2048,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-token CE [N] through the best available path (chunked everywhere; see module docstring)."""
-    return chunked_token_loss(hidden, weight, targets, bias, chunk_size=chunk_size)
+    return chunked_token_loss(hidden, weight, targets, bias, chunk_size=chunk_size, softcap=softcap)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,18 +183,22 @@ def token_loss_no_grad(
     *,
     chunk_size: int = 2048,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """[N] per-token CE (fp32, 0 where ignored), without gradient, for selection or reference scores.
 
     ``backend``: "chunked" (``chunked_token_loss``, everywhere), "liger" (``fused_token_loss``; raises if
-    unavailable), or "auto" (liger on CUDA when installed, else chunked). Either way no [N, V] fp32 logits
-    exist at once."""
+    unavailable), or "auto" (liger on CUDA when installed, else chunked; chunked with a ``softcap``). Either
+    way no [N, V] fp32 logits exist at once."""
     if backend not in LOSS_BACKENDS:
         raise ValueError(f"unknown loss backend {backend!r}; choose one of {', '.join(LOSS_BACKENDS)}")
-    use_liger = backend == "liger" or (backend == "auto" and hidden.device.type == "cuda" and _liger_available())
+    if softcap is not None and backend == "liger":
+        raise ValueError("the liger score path takes no logit soft-cap; use backend='chunked' or 'auto'")
+    use_liger = backend == "liger" or (backend == "auto" and softcap is None and hidden.device.type == "cuda"
+                                       and _liger_available())
     if use_liger:
         return fused_token_loss(hidden, weight, targets, bias)
     with torch.no_grad():
         loss = chunked_token_loss(hidden.detach(), weight.detach(), targets,
-                                  None if bias is None else bias.detach(), chunk_size=chunk_size)
+                                  None if bias is None else bias.detach(), chunk_size=chunk_size, softcap=softcap)
     return loss.float()

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from centrifuge.ops import elementwise_triton
+from centrifuge.ops.liger import is_liger_rms_norm, is_liger_rope, is_liger_swiglu
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,14 +116,26 @@ _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def is_rms_norm(module: nn.Module) -> bool:
-    """Whether ``module`` computes ``rms_norm`` — a known class whose forward was not replaced on the instance."""
-    return (type(module).__name__ in _RMS_NORMS and "forward" not in vars(module)
-            and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor))
+    """Whether ``module`` computes ``rms_norm`` — a known class whose forward was not replaced on the instance,
+    or a Liger-Kernel RMSNorm with HF Llama's semantics (``ops.liger.is_liger_rms_norm``)."""
+    if (type(module).__name__ in _RMS_NORMS and "forward" not in vars(module)
+            and hasattr(module, "variance_epsilon") and isinstance(getattr(module, "weight", None), torch.Tensor)):
+        return True
+    return is_liger_rms_norm(module)
 
 
 def is_silu(mlp: nn.Module) -> bool:
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     return act == "silu" or isinstance(getattr(mlp, "act_fn", None), nn.SiLU)
+
+
+def _gate_act(mlp: nn.Module, activation: str = "act_fn"):
+    """The MLP's gate activation: its ``activation`` module, or SiLU for Liger's SwiGLU MLP (which has no
+    ``act_fn``)."""
+    act = getattr(mlp, activation, None)
+    if act is None and is_liger_swiglu(mlp):
+        return F.silu
+    return act
 
 
 class Eager:
@@ -131,13 +144,19 @@ class Eager:
     name = "eager"
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if is_liger_rms_norm(module):  # Liger's kernel needs CUDA and its layout: the same formula, in torch
+            return rms_norm(x, module.weight, module.variance_epsilon)
         return module(x)
 
     def rope(self, spec, q, k, cos, sin):
-        return spec.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        fn = spec.apply_rotary_pos_emb
+        if is_liger_rope(fn):  # Liger's wants [B, H, T, D] (and CUDA): the same formula on token rows
+            return rope(q, k, cos, sin)
+        return fn(q, k, cos, sin, unsqueeze_dim=1)
 
-    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return mlp.act_fn(gate) * up
+    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor, activation: str = "act_fn") -> torch.Tensor:
+        """act(gate) * up with the MLP's activation module (attribute ``activation``: Phi-3's "activation_fn")."""
+        return _gate_act(mlp, activation)(gate) * up
 
     # Plain formulas for the hand-written backward (which checks ``is_rms_norm`` / ``is_silu`` first).
     def fn(self, f):
@@ -219,11 +238,13 @@ class Compiled(Eager):
         return _fused(rms_norm)(x, module.weight, module.variance_epsilon)
 
     def rope(self, spec, q, k, cos, sin):
+        if cos.shape[-1] != q.shape[-1]:  # partial rotary (e.g. Phi-3 variants): the model's own function
+            return super().rope(spec, q, k, cos, sin)
         return _fused(rope)(q, k, cos, sin)
 
-    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if not is_silu(mlp):
-            return mlp.act_fn(gate) * up
+    def gated(self, mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor, activation: str = "act_fn") -> torch.Tensor:
+        if activation != "act_fn" or not is_silu(mlp):
+            return super().gated(mlp, gate, up, activation)
         return _fused(swiglu)(gate, up)
 
     def fn(self, f):

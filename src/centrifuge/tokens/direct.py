@@ -72,7 +72,7 @@ def _parameters(mods: dict[str, nn.Module]) -> list[tuple[str, nn.Parameter]]:
 
 def supports(layer: nn.Module, spec: ArchSpec) -> bool:
     """Whether ``backward`` computes this layer's gradients (else the replay does)."""
-    return _supported(layer, _modules(layer, spec))
+    return spec.llama_like and _supported(layer, _modules(layer, spec))
 
 
 def parameters(layer: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Parameter]]:
@@ -84,6 +84,8 @@ def prepare(layer: nn.Module, spec: ArchSpec) -> tuple[dict[str, nn.Module], lis
     """(the layer's modules by name, ``parameters``) when ``backward`` supports the layer, else None — one
     module walk per layer call, kept by the token-sparse layer for its backward (host time: the walk and the
     checks cost ~40 µs a layer on a GPU host, where the step waits on the host)."""
+    if not spec.llama_like:  # other families' layers: the autograd replay
+        return None
     mods = _modules(layer, spec)
     return (mods, _parameters(mods)) if _supported(layer, mods) else None
 

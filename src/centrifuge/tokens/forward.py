@@ -14,6 +14,14 @@ The keep set arrives one of two ways: ``keep_mask`` [B, T] before the forward, o
 ``select(scores=token_loss [B, T] fp32, valid=[B, T] bool) -> keep [B, T] bool`` called after the
 forward on the current model's per-token loss (exact Rho-1 scoring).
 
+Packed documents (``position_ids`` that restart, no ``attention_mask``) follow one rule: **the patched model
+attends exactly as the unpatched model does on the same call** (``separate_documents``). Hugging Face keeps
+packed documents apart only when no KV cache is in use — ``use_cache=False`` passed, or ``config.use_cache``
+off, or activation checkpointing in training (which turns the cache off); with the cache on (the default of a
+plain ``model(input_ids=..., position_ids=...)`` call) its mask is plain causal over the whole row and the
+documents see each other. Centrifuge then does the same, and logs a warning once, since it is rarely wanted:
+pass ``use_cache=False`` (or a 2-D ``attention_mask`` per document row) to keep documents apart.
+
 Conventions: positions are *prediction positions*: row t predicts ``labels[t + 1]`` (HF's shift), so
 ``keep_mask[b, t]`` keeps the prediction made at t. Padding is never kept; tokens without a label may be
 kept (their keys and values then stay trainable) but never count in the loss. Selectors keep only labelled
@@ -23,21 +31,25 @@ tokens.
 from __future__ import annotations
 
 import dataclasses
-import types
+import importlib
+import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import ModelOutput
 
+from centrifuge.models.dispatch import LayerCall, call_layer
+from centrifuge.models.reference_attention import REFERENCE_ATTENTION
 from centrifuge.models.registry import ArchSpec
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss, token_loss_no_grad
-from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState, token_sparse_layer
+from centrifuge.ops.elementwise import rms_norm
+from centrifuge.ops.liger import is_liger_rms_norm, liger_ce_sum, liger_kernels_usable
+from centrifuge.tokens import dense_route
+from centrifuge.tokens.layer import DensifyGrad, GatherRows, StepState
 from centrifuge.tokens.layout import TokenLayout
 
+log = logging.getLogger("centrifuge")
 Selector = Callable[..., torch.Tensor]
 MODES = ("fast", "reference", "loss_only")
 
@@ -51,8 +63,11 @@ class TokenFilterOutput(ModelOutput):
     """Output of a token-filtering forward.
 
     Attributes:
-        loss: scalar, sum of counted tokens' CE / (num_items_in_batch or num_counted).
-        loss_sum: scalar, the un-normalized sum (what gradient accumulation adds up).
+        loss: scalar, sum of counted tokens' CE / (num_items_in_batch or num_counted), plus
+            ``router_aux_loss_coef · aux_loss`` for a mixture of experts with ``output_router_logits``.
+        loss_sum: scalar, the un-normalized sum (what gradient accumulation adds up): ``loss · denominator``.
+        aux_loss: scalar, the load-balancing loss over the counted tokens (mixture of experts with
+            ``output_router_logits``), else None.
         num_counted: int64 scalar, kept tokens that have a label.
         num_labelled: int64 scalar, tokens that have a label (kept or not).
         keep_mask: [B, T] bool, the rows kept for the backward.
@@ -66,6 +81,7 @@ class TokenFilterOutput(ModelOutput):
     num_labelled: torch.Tensor | None = None
     keep_mask: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -78,17 +94,69 @@ def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, head.bias
 
 
-def _score_rows(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_input(model: nn.Module, spec: ArchSpec, normed: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """(rows to multiply by the LM head, final-logit soft-cap or None). A logit divisor (Granite's
+    ``logits_scaling``: logits / s) is applied to the rows instead of the logits — the same product, and the
+    fused / chunked losses stay plain linear + CE."""
+    divisor = spec.scalar(model.config, spec.logits_divisor)
+    if divisor is not None and divisor != 1:
+        normed = normed / divisor
+    return normed, spec.scalar(model.config, spec.final_softcap)
+
+
+def _score_rows(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row CE [R] (fp32), no gradient, of rows already through the final norm (fused on CUDA if liger
     is installed, chunked otherwise)."""
     weight, bias = _lm_head(model)
-    return token_loss_no_grad(normed, weight, targets, bias)
+    rows, softcap = _head_input(model, spec, normed)
+    return token_loss_no_grad(rows, weight, targets, bias, softcap=softcap)
 
 
-def _normed_token_loss(model: nn.Module, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _normed_token_loss(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor
+                       ) -> torch.Tensor:
     """Per-row CE [R] (fp32, differentiable) of rows already through the final norm."""
     weight, bias = _lm_head(model)
-    return token_loss(normed, weight, targets, bias)
+    rows, softcap = _head_input(model, spec, normed)
+    return token_loss(rows, weight, targets, bias, softcap=softcap)
+
+
+def _kept_loss_sum(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of CE (fp32, differentiable) of the kept rows normed [M, d] (through the final norm): Liger's fused
+    linear cross-entropy on CUDA where it applies (no soft-cap, no autocast, matching dtypes: the measured
+    setting), else the chunked loss; neither holds [M, vocab] fp32 logits at once."""
+    weight, bias = _lm_head(model)
+    rows, softcap = _head_input(model, spec, normed)
+    if (softcap is None and liger_kernels_usable(rows.device) and rows.dtype == weight.dtype
+            and not torch.is_autocast_enabled(rows.device.type)):
+        return liger_ce_sum(rows, weight, targets, bias)
+    return token_loss(rows, weight, targets, bias, softcap=softcap).sum()
+
+
+def _wants_router_logits(model: nn.Module, spec: ArchSpec) -> bool:
+    """Whether the step adds the mixture of experts' load-balancing loss (``config.output_router_logits``)."""
+    return spec.moe and bool(getattr(model.config, "output_router_logits", False))
+
+
+def _rope_tables(inner: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, D] of the model's rotary embedding; per layer type for families whose local and global
+    layers use different tables (Gemma 3: ``rotary_emb(x, pos, layer_type)``; older transformers kept a
+    separate ``rotary_emb_local`` module)."""
+    if layer_type is None:
+        return inner.rotary_emb(embeds, position_ids=position_ids)
+    if hasattr(inner, "rotary_emb_local"):
+        rotary = inner.rotary_emb_local if layer_type == "sliding_attention" else inner.rotary_emb
+        return rotary(embeds, position_ids)
+    return inner.rotary_emb(embeds, position_ids, layer_type)
+
+
+def _final_norm(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The model's final norm on rows h [R, d]; a Liger RMSNorm off CUDA runs its formula in torch (Liger's
+    Triton kernels need a GPU)."""
+    norm = model.model.norm
+    if not h.is_cuda and is_liger_rms_norm(norm):
+        return rms_norm(h, norm.weight, norm.variance_epsilon)
+    return norm(h)
 
 
 def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -98,6 +166,38 @@ def _check_selection(keep: torch.Tensor, name: str, shape: tuple[int, int]) -> t
     if keep.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor, got dtype {keep.dtype}")
     return keep
+
+
+def separate_documents(model: nn.Module, *, attention_mask, position_ids, use_cache: bool | None) -> bool:
+    """Whether restarting ``position_ids`` start new attention segments on this call — exactly when the
+    unpatched HF model's mask would do it: no 2-D ``attention_mask`` and no KV cache. The cache is on when
+    ``use_cache`` is True, or None with ``config.use_cache`` on, unless activation checkpointing turns it off
+    (training with grad enabled), as HF's forward does.
+
+    Warns once when documents are packed but, as in the unpatched model, attend to each other."""
+    if attention_mask is not None or position_ids is None:
+        return False  # nothing to detect: one segment per row (the 2-D mask's padding rules apply)
+    cache = use_cache if use_cache is not None else bool(getattr(model.config, "use_cache", False))
+    inner = model.model
+    if cache and getattr(inner, "gradient_checkpointing", False) and inner.training and torch.is_grad_enabled():
+        cache = False
+    if not cache:
+        return True
+    if not _warned_packed_with_cache and bool((torch.diff(position_ids, dim=-1) != 1).any()):
+        _warn_packed_with_cache()
+    return False
+
+
+_warned_packed_with_cache = False
+
+
+def _warn_packed_with_cache() -> None:
+    global _warned_packed_with_cache
+    _warned_packed_with_cache = True
+    log.warning(
+        "centrifuge: position_ids restart (packed documents) but the KV cache is on (use_cache=None/True, no "
+        "attention_mask): the documents attend to each other, as in the unpatched Hugging Face model on the same "
+        "call. Pass use_cache=False to keep them apart.")
 
 
 @dataclasses.dataclass
@@ -147,13 +247,34 @@ def _select(select: Selector, batch: _Batch, token_loss_flat: torch.Tensor) -> t
     return _check_selection(keep, "the selector's result", (batch.B, batch.T))
 
 
-def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, token_loss_flat):
+def _aux_loss(model: nn.Module, spec: ArchSpec, router_logits: list[torch.Tensor], counted: torch.Tensor,
+              batch: _Batch) -> torch.Tensor | None:
+    """The mixture of experts' load-balancing loss over the *counted* tokens (kept and labelled), or None.
+
+    The family's own ``load_balancing_loss_func`` (Switch-Transformer style: E · Σ_e f_e · P_e pooled over
+    the MoE layers, f_e the share of top-k assignments to expert e, P_e its mean router probability) with the
+    counted tokens as its token mask: Hugging Face weights by ``attention_mask`` (every real token); here the
+    tokens that count in the loss, so filtered tokens get no gradient from it either, as from the CE."""
+    if not router_logits:
+        return None
+    module = importlib.import_module(spec.modeling_module)
+    num_experts = getattr(model, "num_experts", None) or getattr(model.config, "num_experts", None) \
+        or model.config.num_local_experts
+    mask = counted.view(batch.B, batch.T).to(router_logits[0].dtype)
+    return module.load_balancing_loss_func(tuple(router_logits), num_experts, model.config.num_experts_per_tok,
+                                           mask)
+
+
+def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, token_loss_flat, model=None,
+            aux: torch.Tensor | None = None):
     num_counted = counted.sum()
     denom = num_items_in_batch if num_items_in_batch is not None else num_counted
     keep_mask = torch.zeros(batch.B * batch.T, dtype=torch.bool, device=counted.device)
     keep_mask.index_fill_(0, keep_rows, True)  # (not ``[rows] = True``: that copies a host scalar, a sync)
+    if aux is not None:  # as HF adds it: coef · aux on top of the normalized CE (loss_sum scaled to match)
+        loss_sum = loss_sum + model.config.router_aux_loss_coef * aux.to(loss_sum.dtype) * denom
     return TokenFilterOutput(
-        loss=loss_sum / denom, loss_sum=loss_sum, num_counted=num_counted,
+        loss=loss_sum / denom, loss_sum=loss_sum, num_counted=num_counted, aux_loss=aux,
         num_labelled=batch.labelled.sum(), keep_mask=keep_mask.view(batch.B, batch.T),
         token_loss=None if token_loss_flat is None else token_loss_flat.view(batch.B, batch.T),
     )
@@ -163,165 +284,128 @@ def _finish(loss_sum, counted, keep_rows, batch: _Batch, num_items_in_batch, tok
 # fast
 # --------------------------------------------------------------------------------------------------------
 
-LAYER_CALL_KW = "_centrifuge_step"  # private keyword of a decoder layer's dispatching forward
-_DISPATCH_ATTR = "_centrifuge_layer_dispatch"  # on a layer: (had an instance forward, that forward)
-
-
-@dataclasses.dataclass
-class LayerCall:
-    """What a decoder layer needs to run its token-sparse step (passed as ``layer(h, _centrifuge_step=...)``)."""
-
-    spec: ArchSpec
-    step: StepState
-    layer_idx: int
-
-
-def install_layer_dispatch(layer: nn.Module) -> None:
-    """Give decoder ``layer`` an instance-level forward that runs ``token_sparse_layer`` when called with
-    ``_centrifuge_step=LayerCall(...)`` and the layer's own forward otherwise.
-
-    Why through the layer's ``__call__``: wrappers hook modules, not functions. FSDP2 (``fully_shard`` per
-    decoder layer) all-gathers a layer's weights in its forward pre-hook, frees them in its post-hook, and
-    registers the pre-/post-backward hooks that re-gather them for the backward and reduce-scatter their
-    gradients. Calling the layer's submodules directly would skip all of that. ``remove_layer_dispatch``
-    restores the layer exactly."""
-    if _DISPATCH_ATTR in vars(layer):
-        return
-    had_instance_forward = "forward" in vars(layer)
-    own = vars(layer).get("forward")
-
-    def forward(self, *args, _centrifuge_step: LayerCall | None = None, **kwargs):
-        if _centrifuge_step is None:
-            # The class's forward looked up now (not bound at install time), so a class swap after
-            # ``apply`` — FSDP2 makes each sharded layer an ``FSDP<Layer>`` subclass — still runs it.
-            return own(*args, **kwargs) if had_instance_forward else type(self).forward(self, *args, **kwargs)
-        (h,) = args
-        call = _centrifuge_step
-        return token_sparse_layer(h, self, call.spec, call.step, call.layer_idx)
-
-    setattr(layer, _DISPATCH_ATTR, (had_instance_forward, own))
-    layer.forward = types.MethodType(forward, layer)
-
-
-def remove_layer_dispatch(layer: nn.Module) -> None:
-    """Undo ``install_layer_dispatch`` (a no-op for a layer without it)."""
-    saved = vars(layer).get(_DISPATCH_ATTR)
-    if saved is None:
-        return
-    had_instance_forward, own = saved
-    if had_instance_forward:
-        layer.forward = own
-    else:
-        del layer.forward
-    delattr(layer, _DISPATCH_ATTR)
-
-
-def call_layer(layer: nn.Module, h: torch.Tensor, call: LayerCall) -> torch.Tensor:
-    """Run one token-sparse decoder layer on h [N, d] through the layer's module call (hooks included).
-
-    ``nn.Module.__call__`` rather than ``layer(...)``: transformers versions whose
-    ``GradientCheckpointingLayer`` overrides ``__call__`` would wrap the whole token-sparse layer in
-    ``torch.utils.checkpoint``; the token-sparse layer does its own, kept-rows-only, checkpointing."""
-    if _DISPATCH_ATTR not in vars(layer):
-        raise RuntimeError("this decoder layer was not patched by centrifuge.apply (was the layer replaced after "
-                           "apply?); call centrifuge.apply(model) again")
-    return nn.Module.__call__(layer, h, **{LAYER_CALL_KW: call})
-
-
-
 def fast_forward(
     model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
     keep_mask=None, select: Selector | None = None, num_items_in_batch=None, attention: str = "auto",
     elementwise: str = "eager", backward: str = "auto", return_token_loss: bool = False,
+    use_cache: bool | None = None,
 ) -> TokenFilterOutput:
     """The token-sparse forward (see the module docstring for the arguments; ``elementwise``: "eager",
-    "compiled", or "auto" = compiled on CUDA; ``backward``: "auto" or "replay", see ``centrifuge.apply``)."""
+    "compiled", or "auto" = compiled on CUDA; ``backward``: "auto" or "replay", see ``centrifuge.apply``;
+    ``use_cache``: only decides whether packed documents are kept apart, ``separate_documents``)."""
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
     if elementwise == "auto":
         elementwise = "compiled" if input_ids.is_cuda else "eager"
     if keep_mask is not None:
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
+        routed = _dense_route(model, spec, batch, input_ids, attention_mask, position_ids, keep_mask, select,
+                              return_token_loss, num_items_in_batch)
+        if routed is not None:
+            return routed
     inner = model.model
     B, T = batch.B, batch.T
-    embeds = inner.embed_tokens(input_ids)  # [B, T, d]
-    cos, sin = inner.rotary_emb(embeds, position_ids=batch.position_ids)  # [B, T, D]
-    layout = TokenLayout.build(
+    embeds = inner.embed_tokens(input_ids)  # [B, T, d] (scaled inside the module where the family does: Gemma)
+    multiplier = spec.scalar(model.config, spec.embedding_multiplier)  # Granite
+    if multiplier is not None:
+        embeds = embeds * multiplier
+    base = TokenLayout.build(
         batch=B, seqlen=T, device=input_ids.device, attention_mask=attention_mask,
-        position_ids=None if attention_mask is not None else position_ids,
-        sliding_window=spec.sliding_window(model.config, 0),
+        position_ids=position_ids if separate_documents(model, attention_mask=attention_mask, position_ids=position_ids,
+                                                        use_cache=use_cache) else None,
     )
+    # One layout per distinct (window, score soft-cap) and one rotary table per layer type, each handed to its
+    # layers and saved by their autograd contexts (a shared layout rewritten per layer gave earlier layers'
+    # backward the last layer's window).
+    softcap = spec.scalar(model.config, spec.attn_softcap)
+    layouts: dict[tuple, TokenLayout] = {(None, None): base}
+    ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
     keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
-    step = StepState(layout=layout, cos=cos.reshape(B * T, -1), sin=sin.reshape(B * T, -1), keep=keep_rows,
-                     attention=attention, elementwise=elementwise, backward=backward)
+    router_logits = _wants_router_logits(model, spec)
+    step = StepState(keep=keep_rows, attention=attention, elementwise=elementwise, backward=backward,
+                     router_logits=router_logits)
+    routers: list[torch.Tensor] = []  # MoE layers' router logits [N, E] (with the aux loss's gradient path)
     h = embeds.reshape(B * T, -1)
     if not h.requires_grad:  # frozen embeddings (e.g. LoRA): still drive the layers' backward
         h = h.detach().requires_grad_(True)
     h = DensifyGrad.apply(h)
     for idx, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
-        window = spec.sliding_window(model.config, idx)
-        if window != step.layout.sliding_window:
-            step.layout = dataclasses.replace(step.layout, sliding_window=window)
-        h = call_layer(layer, h, LayerCall(spec, step, idx))
+        geometry = (spec.sliding_window(model.config, idx), softcap)
+        if geometry not in layouts:
+            layouts[geometry] = dataclasses.replace(base, sliding_window=geometry[0], softcap=geometry[1])
+        layer_type = spec.layer_type(model.config, idx)
+        if layer_type not in ropes:
+            cos, sin = _rope_tables(inner, embeds, batch.position_ids, layer_type)
+            ropes[layer_type] = (cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+        h = call_layer(layer, h, LayerCall(spec, step, layouts[geometry], ropes[layer_type]))
+        if isinstance(h, tuple):
+            h, logits = h
+            routers.append(logits)
 
     all_loss = None
     if select is not None or return_token_loss:  # every row's loss for selection: fused on CUDA if liger is there
         with torch.no_grad():
-            all_loss = _score_rows(model, model.model.norm(h), batch.targets)
+            all_loss = _score_rows(model, spec, _final_norm(model, h), batch.targets)
     if select is not None:
+        # made once, here; it reaches the layers' backward as the row indices of the gradient (GatherRows)
         keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
-        step.keep = keep_rows
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
-    loss_sum = _normed_token_loss(model, model.model.norm(h_kept), kept_targets).sum()
-    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
+    loss_sum = _kept_loss_sum(model, spec, _final_norm(model, h_kept), kept_targets)
+    aux = _aux_loss(model, spec, routers, counted, batch) if router_logits else None
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss, model, aux)
+
+
+def _dense_route(model, spec, batch: _Batch, input_ids, attention_mask, position_ids, keep_mask, select,
+                 return_token_loss, num_items_in_batch) -> TokenFilterOutput | None:
+    """An all-kept step as the plain dense step (``centrifuge.tokens.dense_route``), or None when not taken."""
+    ops = dense_route.route_ops(input_ids.device)
+    if ops is None or not dense_route.eligible(model, spec, attention_mask=attention_mask, position_ids=position_ids,
+                                               select=select, return_token_loss=return_token_loss):
+        return None
+    if not dense_route.covers_all(keep_mask, batch.valid.view(batch.B, batch.T)):
+        return None
+    keep_rows, counted = _resolve_keep(batch, keep_mask)
+    targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
+    loss_sum = dense_route.dense_loss_sum(model, input_ids, targets, ops, call_layer)
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, None)
 
 
 # --------------------------------------------------------------------------------------------------------
 # reference and loss_only: plain autograd through the HF model
 # --------------------------------------------------------------------------------------------------------
 
-REFERENCE_ATTENTION = "centrifuge_reference"
 
 
-def _reference_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA with the keys / values of filtered tokens detached (``centrifuge_keep`` [B, T] bool; plain SDPA
-    without it). ``apply(mode="reference")`` selects it for the whole time the model is patched — not just
-    during the forward — so that activation checkpointing's recompute in the backward runs it too."""
-    keep = kwargs.pop("centrifuge_keep", None)
-    if keep is not None:
-        k_mask = keep[:, None, :, None]
-        key = torch.where(k_mask, key, key.detach())
-        value = torch.where(k_mask, value, value.detach())
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention)
-AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)
-
-
-def _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
-    """Final hidden states [N, d] after the final norm, through the HF model's own forward."""
+def _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache=None, **kwargs):
+    """(final hidden states [N, d] after the final norm, router logits per MoE layer [N, E] or None) through
+    the HF model's own forward (its own masking rules: ``use_cache`` decides packed-document separation as in
+    the unpatched model; a cache it builds is dropped)."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False, **kwargs)
-    return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+                      use_cache=use_cache, **kwargs)
+    return out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]), getattr(out, "router_logits", None)
 
 
 def reference_forward(
     model: nn.Module, spec: ArchSpec, *, input_ids, attention_mask=None, position_ids=None, labels=None,
     keep_mask=None, select: Selector | None = None, num_items_in_batch=None, detach_filtered_kv: bool = True,
-    return_token_loss: bool = False, **_ignored,
+    return_token_loss: bool = False, use_cache: bool | None = None, **_ignored,
 ) -> TokenFilterOutput:
     """``reference`` (``detach_filtered_kv=True``) and ``loss_only`` (False) modes."""
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
     if keep_mask is not None:
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
+    # Decided once, here (grad on): HF's own rule depends on grad mode, and the no-grad scoring pass below must
+    # see the same masks as the graded pass. A cache only where documents must not be separated.
+    use_cache = not separate_documents(model, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=use_cache)
+    use_cache = use_cache and attention_mask is None and position_ids is not None
     all_loss = None
     if select is not None or return_token_loss:
         # Selection needs the current model's loss on every token; the reference spends a separate
         # no-grad forward on it (it is an oracle, not a fast path).
         with torch.no_grad():
-            normed = _hf_hidden(model, input_ids, attention_mask, position_ids)
-            all_loss = _score_rows(model, normed, batch.targets)
+            normed = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache)[0]
+            all_loss = _score_rows(model, spec, normed, batch.targets)
     if select is not None:
         keep_mask = _select(select, batch, all_loss)
     if keep_mask is None:
@@ -335,7 +419,11 @@ def reference_forward(
     if detach_filtered_kv and model.config._attn_implementation != REFERENCE_ATTENTION:
         raise RuntimeError("the reference mode needs centrifuge.apply(model, mode='reference'), which selects the "
                            f"{REFERENCE_ATTENTION!r} attention for as long as the model is patched")
-    normed = _hf_hidden(model, input_ids, attention_mask, position_ids, **kwargs)
+    if _wants_router_logits(model, spec):
+        kwargs["output_router_logits"] = True
+    normed, router_logits = _hf_hidden(model, input_ids, attention_mask, position_ids, use_cache, **kwargs)
     targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
-    loss_sum = _normed_token_loss(model, normed, targets).sum()
-    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss)
+    loss_sum = _normed_token_loss(model, spec, normed, targets).sum()
+    aux = _aux_loss(model, spec, list(router_logits or ()), counted, batch) if _wants_router_logits(model, spec) \
+        else None
+    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss, model, aux)

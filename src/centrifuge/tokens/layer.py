@@ -1,7 +1,9 @@
 """The token-sparse decoder layer: full-row forward, backward on kept rows only.
 
-One recipe (``attention_inputs`` + ``layer_output``) describes a Llama-family decoder layer on token rows
-[R, d]. It runs twice with different ways of doing a linear layer and attention:
+One recipe (``attention_inputs`` + ``layer_output``) describes a decoder layer of every registered family on
+token rows [R, d] (where the families differ — norm placement, fused projections, multipliers, mixture-of-
+experts blocks — is read from the ``ArchSpec``). It runs twice with different ways of doing a linear layer
+and attention:
 
 * forward (``_TokenSparseLayer.forward``): on all N rows without autograd, exactly the dense forward,
   saving what the backward needs — all rows when the keep set is decided after the forward (exact Rho-1
@@ -59,16 +61,32 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 # --------------------------------------------------------------------------------------------------------
 
 
+def _norm(layer: nn.Module, name: str | None, x: torch.Tensor, ops: Eager) -> torch.Tensor:
+    """The layer's norm ``name`` applied to x (the HF module's own formula, e.g. Gemma's ``(1 + w)``), or x
+    unchanged where the family has no norm at that place (``ArchSpec.norms``)."""
+    return x if name is None else ops.norm(getattr(layer, name), x)
+
+
+def _scaled(t: torch.Tensor, factor: float | None) -> torch.Tensor:
+    return t if factor is None else t * factor
+
+
 def attention_inputs(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, linear: Linear, ops: Eager = EAGER):
     """x [R, d] → q [R, H, D], k [R, Hkv, D], v [R, Hkv, D] after (q/k norm and) RoPE."""
     attn = layer.self_attn
-    D = attn.head_dim
-    n = ops.norm(layer.input_layernorm, x)
-    q = linear(attn.q_proj, n, "q_proj").view(x.shape[0], -1, D)
-    k = linear(attn.k_proj, n, "k_proj").view(x.shape[0], -1, D)
-    v = linear(attn.v_proj, n, "v_proj").view(x.shape[0], -1, D)
-    if spec.qk_norm:
+    D, R = attn.head_dim, x.shape[0]
+    n = _norm(layer, spec.norms[0], x, ops)
+    if spec.fused_qkv:  # [q; k; v] rows of one projection (Phi-3); slicing a linear's output is exact
+        qkv = linear(getattr(attn, spec.fused_qkv), n, spec.fused_qkv)
+        kv = (qkv.shape[-1] - attn.config.num_attention_heads * D) // 2  # (kept) K / V width
+        q, k, v = qkv.split([qkv.shape[-1] - 2 * kv, kv, kv], dim=-1)
+    else:
+        q, k, v = (linear(getattr(attn, name), n, name) for name in ("q_proj", "k_proj", "v_proj"))
+    if spec.qk_norm and spec.qk_norm_flat:  # OLMo 2: one norm over all heads of the projection
+        q, k = ops.norm(attn.q_norm, q), ops.norm(attn.k_norm, k)
+    q, k, v = (t.reshape(R, -1, D) for t in (q, k, v))
+    if spec.qk_norm and not spec.qk_norm_flat:
         q, k = ops.norm(attn.q_norm, q), ops.norm(attn.k_norm, k)
     q, k = ops.rope(spec, q, k, cos, sin)
     # Under autocast the projections are bf16 but fp32 RoPE tables promote q / k to fp32; attention then
@@ -76,20 +94,36 @@ def attention_inputs(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, cos: tor
     return q.to(v.dtype), k.to(v.dtype), v
 
 
-def layer_output(layer: nn.Module, x: torch.Tensor, o: torch.Tensor, linear: Linear,
+def layer_output(layer: nn.Module, spec: ArchSpec, x: torch.Tensor, o: torch.Tensor, linear: Linear,
                  ops: Eager = EAGER) -> torch.Tensor:
     """x [R, d], attention output o [R, H, D] → layer output [R, d]."""
-    h = x + linear(layer.self_attn.o_proj, o.reshape(o.shape[0], -1), "o_proj")
-    n2 = ops.norm(layer.post_attention_layernorm, h)
+    pre_attn, post_attn, pre_mlp, post_mlp = spec.norms
+    del pre_attn  # (attention_inputs')
+    residual = spec.scalar(layer.self_attn.config, spec.residual_multiplier)  # Granite
+    a = _norm(layer, post_attn, linear(layer.self_attn.o_proj, o.reshape(o.shape[0], -1), "o_proj"), ops)
+    h = x + _scaled(a, residual)
+    n2 = _norm(layer, pre_mlp, h, ops)
     mlp = layer.mlp
-    a = ops.gated(mlp, linear(mlp.gate_proj, n2, "gate_proj"), linear(mlp.up_proj, n2, "up_proj"))
-    return h + linear(mlp.down_proj, a, "down_proj")
+    if spec.moe and hasattr(mlp, "experts"):  # a mixture-of-experts block, whole (see ArchSpec.moe); [1, R, d]
+        out = linear(mlp, n2[None], "moe")
+        out = out[0] if isinstance(out, tuple) else out  # (older transformers also return the router logits)
+        return h + _scaled(_norm(layer, post_mlp, out[0], ops), residual)
+    if spec.fused_gate_up:  # [gate; up] rows of one projection (Phi-3)
+        gate, up = linear(getattr(mlp, spec.fused_gate_up), n2, spec.fused_gate_up).chunk(2, dim=-1)
+    else:
+        gate, up = linear(mlp.gate_proj, n2, "gate_proj"), linear(mlp.up_proj, n2, "up_proj")
+    m = _norm(layer, post_mlp, linear(mlp.down_proj, ops.gated(mlp, gate, up, spec.activation), "down_proj"), ops)
+    return h + _scaled(m, residual)
 
 
 # Linear outputs whose *values* the replayed graph needs (their consumers' backward reads them).
 def _value_outputs(spec: ArchSpec) -> tuple[str, ...]:
-    names = ("o_proj", "gate_proj", "up_proj")
-    return names + (("q_proj", "k_proj") if spec.qk_norm else ())
+    names = ("o_proj", spec.fused_gate_up) if spec.fused_gate_up else ("o_proj", "gate_proj", "up_proj")
+    if spec.qk_norm:
+        names += (spec.fused_qkv,) if spec.fused_qkv else ("q_proj", "k_proj")
+    if spec.norms[3] is not None:  # a norm reads the MLP's output
+        names += ("down_proj",)
+    return names
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -97,39 +131,67 @@ def _value_outputs(spec: ArchSpec) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StepState:
-    """What every layer of one forward needs; created per forward call, passed explicitly.
+    """What every layer of one forward needs, fixed for the whole step (frozen: nothing here changes after the
+    step starts, so a backward can never read a value another layer's forward left behind).
+
+    What differs between layers — the attention geometry (``TokenLayout``: window, segments) — is *not* here:
+    each layer gets its own (``token_sparse_layer``'s ``layout``) and its autograd context saves it.
 
     Attributes:
-        layout: attention visibility of the flattened batch.
-        cos, sin: [N, D] rotary tables of the rows.
-        keep: [M] int64 sorted kept row ids, or None until the selection after the forward sets it.
+        keep: [M] int64 sorted kept row ids when the keep set is known before the forward, else None: then the
+            selection after the forward makes it, and it reaches each layer's backward with the gradient
+            itself (the row indices of the row-sparse gradient, ``kept_rows``) — one way, no shared state.
         attention: backend name ("auto", "math", "flash").
         elementwise: "eager" (the HF modules) or "compiled" (``centrifuge.ops.elementwise``).
         backward: "auto" (the hand-written backward where it applies) or "replay" (always the autograd replay).
+        router_logits: mixture-of-experts layers also return their router logits [N, E] (a second output whose
+            gradient — the auxiliary load-balancing loss's — the layer's backward takes on its kept rows).
+        kept_rope: the per-step memo of the kept rows' rotary tables (``KeptRope``; the full-row tables are
+            per layer: Gemma 3's local and global layers use different ones).
     """
 
-    layout: TokenLayout
-    cos: torch.Tensor
-    sin: torch.Tensor
     keep: torch.Tensor | None
     attention: str = "auto"
     elementwise: str = "eager"
     backward: str = "auto"
-    _kept_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    router_logits: bool = False
+    kept_rope: KeptRope = dataclasses.field(default_factory=lambda: KeptRope())
 
-    def require_keep(self) -> torch.Tensor:
-        if self.keep is None:
-            raise RuntimeError("token-sparse backward reached before the keep set was chosen")
-        return self.keep
 
-    def kept_rope(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of the kept rows [M, D], gathered once per step for all layers."""
-        if self._kept_rope is None:
-            keep = self.require_keep()
-            self._kept_rope = (self.cos.index_select(0, keep), self.sin.index_select(0, keep))
-        return self._kept_rope
+class KeptRope:
+    """cos / sin of the kept rows [M, D], gathered once per step and table for all layers (host time: two
+    gathers per layer saved). A memo of a pure function of the (table, kept rows) it is given — not state a
+    backward depends on: a different keep tensor simply gathers again. It holds the tensors it gathered
+    from and for, so their storage cannot be freed and reused while the memo compares against it."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memo = self._memo.get(id(cos))
+        if memo is not None and memo[0] is cos and memo[1].shape == keep.shape and (
+                memo[1] is keep or memo[1].data_ptr() == keep.data_ptr()):
+            return memo[2], memo[3]
+        kept = (cos.index_select(0, keep), sin.index_select(0, keep))
+        self._memo[id(cos)] = (cos, keep, *kept)
+        return kept
+
+
+def kept_rows(grad: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """The step's kept rows [M] in a layer's backward: ``known`` (saved by the layer's forward when the keep
+    set was known before it), else the row indices of the incoming row-sparse gradient — the selection made
+    after the forward travels down the backward with the gradient (``GatherRows`` starts it)."""
+    if known is not None:
+        return known
+    if not grad.is_sparse:
+        raise RuntimeError("the token-sparse layer's backward got a dense gradient while the keep set was chosen "
+                           "after the forward; the layer output must reach the loss only through the "
+                           "token-sparse step (centrifuge's patched forward)")
+    if not grad.is_coalesced():
+        grad = grad.coalesce()
+    return grad._indices()[0]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -254,6 +316,26 @@ def _observe(om: LayerOmission, layer: nn.Module, inputs: dict[str, torch.Tensor
 # --------------------------------------------------------------------------------------------------------
 
 
+class _RouterLogits:
+    """Captures the router logits of a mixture-of-experts block while it runs (a forward hook on its ``gate``:
+    the HF router returns (logits, weights, indices), or the logits alone in older versions)."""
+
+    def __init__(self, layer: nn.Module, spec: ArchSpec, enabled: bool):
+        self.logits: torch.Tensor | None = None
+        on = enabled and spec.moe and hasattr(layer.mlp, "experts")
+        self.handle = layer.mlp.gate.register_forward_hook(self._hook) if on else None
+
+    def _hook(self, module, args, out):
+        self.logits = out[0] if isinstance(out, tuple) else out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.remove()
+
+
 def _autocast_state(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -261,13 +343,15 @@ def _autocast_state(device_type: str):
 
 
 class _TokenSparseLayer(torch.autograd.Function):
-    """forward(x, layer, spec, step, layer_idx, prepared, *params): ``prepared`` = ``direct.prepare``'s
+    """forward(x, layer, spec, step, layout, rope, prepared, *params): ``layout`` = this layer's attention
+    geometry and ``rope`` = its rotary tables (cos, sin [N, D]), both saved in the context (the backward reads
+    nothing the step shares); ``prepared`` = ``direct.prepare``'s
     (modules, parameters) for the hand-written backward (``centrifuge.tokens.direct``), which returns the
     gradients of ``params`` (the layer's parameters, in ``direct.parameters`` order); None = the replay, with
     ``params`` empty (it accumulates them itself)."""
 
     @staticmethod
-    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layer_idx: int, prepared, *params):
+    def forward(ctx, x, layer, spec: ArchSpec, step: StepState, layout: TokenLayout, rope, prepared, *params):
         device_type = x.device.type
         use_direct = prepared is not None
         ctx.autocast = _autocast_state(device_type)
@@ -299,12 +383,13 @@ class _TokenSparseLayer(torch.autograd.Function):
             return out
 
         ops = ELEMENTWISE[step.elementwise]
-        q, k, v = attention_inputs(layer, spec, x, step.cos, step.sin, record, ops)
-        backend = choose_backend(step.attention, q, step.layout)
+        q, k, v = attention_inputs(layer, spec, x, *rope, record, ops)
+        backend = choose_backend(step.attention, q, layout)
         scale = layer.self_attn.scaling
         with torch.autocast(device_type, enabled=False):  # backends pick their own precision
-            o, aux = backend.forward(q, k, v, step.layout, scale)
-        y = layer_output(layer, x, o, record, ops)
+            o, aux = backend.forward(q, k, v, layout, scale)
+        with _RouterLogits(layer, spec, step.router_logits) as router:
+            y = layer_output(layer, spec, x, o, record, ops)
         if om is not None and om.gathers:
             _observe(om, layer, inputs, o)
         inputs.clear()
@@ -325,16 +410,20 @@ class _TokenSparseLayer(torch.autograd.Function):
         ctx.query_names = list(queries)
         ctx.save_for_backward(*rowwise.values(), *queries.values(), k, v)
         ctx.aux_other = None if isinstance(aux, torch.Tensor) else aux
+        # The layer's own geometry and the step's fixed inputs travel in the context; the kept rows too when
+        # known now (else they arrive with the gradient: ``kept_rows``).
         ctx.layer, ctx.spec, ctx.step, ctx.backend, ctx.scale = layer, spec, step, backend, scale
+        ctx.layout, ctx.rope, ctx.keep = layout, rope, step.keep
         ctx.compact = compact
         ctx.plan, ctx.sliced = plan, sliced
         ctx.recompute = value_names if checkpointed else ()
-        return y
+        return y if router.handle is None else (y, router.logits)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_router=None):
         step: StepState = ctx.step
-        keep = step.require_keep()
+        keep = kept_rows(grad_y, ctx.keep)
+        layout: TokenLayout = ctx.layout
         saved = list(ctx.saved_tensors)
         n_row, n_q = len(ctx.rowwise_names), len(ctx.query_names)
         rowwise = dict(zip(ctx.rowwise_names, saved[:n_row], strict=True))
@@ -354,21 +443,22 @@ class _TokenSparseLayer(torch.autograd.Function):
             with torch.autocast(do_k.device.type, enabled=False):  # backends pick their own precision
                 return backend.backward_kept(
                     do_k.to(v_full.dtype), q=q_for_bwd, k=k_full, v=v_full, o=o_for_bwd, aux=aux, keep=keep,
-                    layout=step.layout, scale=ctx.scale, queries_compact=compact_queries,
+                    layout=layout, scale=ctx.scale, queries_compact=compact_queries,
                 )
 
         dy = dense_rows(grad_y, keep)
         layer, spec = ctx.layer, ctx.spec
+        cos_k, sin_k = step.kept_rope.get(*ctx.rope, keep)
         if ctx.direct is not None:
             mods, params = ctx.direct
             with torch.autocast(dy.device.type, enabled=False):  # it casts for itself, to ctx.autocast
                 dx, param_grads = direct.backward(
-                    dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=step.kept_rope()[0],
-                    sin=step.kept_rope()[1], attention_backward=attention_backward,
+                    dy, layer=layer, spec=spec, plan=ctx.plan, saved=rowwise, cos=cos_k,
+                    sin=sin_k, attention_backward=attention_backward,
                     ops=ELEMENTWISE[step.elementwise], params=params, compute_dtype=ctx.autocast,
                     sliced=ctx.sliced, mods=mods)
             ctx.sliced = ctx.direct = None
-            return sparse_rows(dx, keep, grad_y.shape[0]), None, None, None, None, None, *param_grads
+            return sparse_rows(dx, keep, grad_y.shape[0]), None, None, None, None, None, None, *param_grads
         device_type = dy.device.type
         autocast = (torch.autocast(device_type, dtype=ctx.autocast) if ctx.autocast is not None
                     else torch.autocast(device_type, enabled=False))
@@ -376,22 +466,32 @@ class _TokenSparseLayer(torch.autograd.Function):
             x = rowwise["x"].detach().requires_grad_(True)
             linear = _saved_linear(rowwise, ctx.plan, ctx.recompute)
             ops = ELEMENTWISE[step.elementwise]
-            q, k, v = attention_inputs(layer, spec, x, *step.kept_rope(), linear, ops)
+            q, k, v = attention_inputs(layer, spec, x, cos_k, sin_k, linear, ops)
             o = _SavedAttention.apply(q, k, v, rowwise["o"], attention_backward)
-            y = layer_output(layer, x, o, linear, ops)
-            torch.autograd.backward(y, dy.to(y.dtype))
-        return (sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None, None,
+            with _RouterLogits(layer, spec, grad_router is not None) as router:
+                y = layer_output(layer, spec, x, o, linear, ops)
+            outputs, grads = [y], [dy.to(y.dtype)]
+            if router.logits is not None:  # the auxiliary loss's gradient at the kept rows' router logits
+                outputs.append(router.logits)
+                grads.append(grad_router.index_select(0, keep).to(router.logits.dtype))
+            torch.autograd.backward(outputs, grads)
+        return (sparse_rows(x.grad, keep, grad_y.shape[0]), None, None, None, None, None, None,
                 *([None] * ctx.num_params))
 
 
 def token_sparse_layer(x: torch.Tensor, layer: nn.Module, spec: ArchSpec, step: StepState,
-                       layer_idx: int) -> torch.Tensor:
-    """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d].
+                       layout: TokenLayout, rope: tuple[torch.Tensor, torch.Tensor]
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Run decoder ``layer`` on token rows x [N, d] with a kept-rows-only backward. Returns [N, d] — and, for a
+    mixture-of-experts layer when ``step.router_logits``, its router logits [N, E] too (a tuple).
+
+    ``layout``: this layer's attention geometry (its own sliding window and score soft-cap; layers may
+    differ) and ``rope``: its rotary tables (cos, sin [N, D]), saved by the layer's autograd context.
 
     The backward is the hand-written one (``centrifuge.tokens.direct``) where it applies and ``step.backward``
     allows it, else the autograd replay."""
     prepared = direct.prepare(layer, spec) if step.backward != "replay" else None
     params = [p for _, p in prepared[1]] if prepared is not None else []
-    return _TokenSparseLayer.apply(x, layer, spec, step, layer_idx, prepared, *params)
+    return _TokenSparseLayer.apply(x, layer, spec, step, layout, rope, prepared, *params)
 
 

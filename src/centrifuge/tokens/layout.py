@@ -8,7 +8,9 @@ Face's ``create_causal_mask`` so that the fast path computes the same function a
   do not increase by exactly 1 (HF's packed-sequence detection), so packed documents never see each other;
 * with an ``attention_mask``: one segment per batch row, and padded keys are invisible (HF does no packed
   detection when a 2-D mask is given);
-* causal by the original row index ``t``; an optional sliding window keeps keys with ``t_q - t_k < window``.
+* causal by the original row index ``t``; an optional sliding window keeps keys with ``t_q - t_k < window``;
+* an optional score soft-cap ``c`` (Gemma 2: scores become ``c · tanh(s / c)`` before the softmax) — part of
+  a layer's attention geometry like its window, though not of visibility.
 
 Padding tokens become one-token segments of their own: they see only themselves, never appear as keys
 to real tokens, and are never kept.
@@ -31,6 +33,7 @@ class TokenLayout:
         index: [N] int64, position t of each row inside its batch row (causality and sliding window).
         valid: [N] bool, False for padding.
         sliding_window: window length or None.
+        softcap: attention score soft-cap or None (only the math backend computes it; others refuse it).
         contiguous: True when every segment is one contiguous run of rows (what varlen kernels need).
         cu_seqlens: [S + 1] int32 segment boundaries in row order (valid when ``contiguous``).
         max_seqlen: longest segment (valid when ``contiguous``).
@@ -45,6 +48,7 @@ class TokenLayout:
     contiguous: bool
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    softcap: float | None = None
 
     @property
     def num_rows(self) -> int:

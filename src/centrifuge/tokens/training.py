@@ -98,10 +98,10 @@ class TokenFilterLoss:
 
         if self.ratio_driven and self.keep_ratio >= 1.0:
             return self.dense_loss(model, batch)
-        # attention_mask is not passed: padding sits at row ends, and without a 2-D mask the model keeps
-        # packed documents apart through the restarting position_ids (as dense_loss does).
+        # attention_mask is not passed: padding sits at row ends, and without a 2-D mask and without a KV cache
+        # the model keeps packed documents apart through the restarting position_ids (as dense_loss does).
         inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"],
-                  "position_ids": batch.get("position_ids")}
+                  "position_ids": batch.get("position_ids"), "use_cache": False}
         reference = self._reference_for(batch)
         if self.selector.needs_current_loss:
             step = self.step

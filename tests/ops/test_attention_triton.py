@@ -8,15 +8,10 @@ realistic shapes. Outputs are poisoned with NaN before every run, so rows a kern
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 _CUDA = torch.cuda.is_available()
-_SET_INTERPRET = not _CUDA and "TRITON_INTERPRET" not in os.environ
-if _SET_INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (kernels are decorated on first use)
 
 triton = pytest.importorskip("triton")
 
@@ -37,11 +32,10 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-3 if _CUDA else 2e-5}
 MATH = MathAttention()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_interpret_env():
-    yield
-    if _SET_INTERPRET:
-        os.environ.pop("TRITON_INTERPRET", None)
+@pytest.fixture(autouse=True)
+def _interpreted(interpret):
+    """Every test here runs its kernels under Triton's interpreter without CUDA, for that test only (set at
+    import, the variable leaked into every test collected before this module's teardown)."""
 
 
 @pytest.fixture(autouse=True)

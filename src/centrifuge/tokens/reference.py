@@ -39,6 +39,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from centrifuge._io import sha256_file
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss_no_grad
 
 FORMAT = "centrifuge-reference-scores"
@@ -282,14 +283,6 @@ def _save_shard_atomic(path: str, loss: torch.Tensor, metadata: dict[str, str]) 
             os.unlink(tmp)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -324,7 +317,7 @@ def _check_shard(path: str, entry: Mapping[str, Any], manifest: Mapping[str, Any
         entry["first"]
     ):
         raise ReferenceScoresError(f"reference score shard {name} belongs to another dataset or position")
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if entry.get("sha256") and entry["sha256"] != digest:
         raise ReferenceScoresError(f"reference score shard {name} is corrupt (sha256 does not match the manifest)")
     return digest
@@ -436,7 +429,7 @@ def write_reference_scores(
             meta = {"dataset_fingerprint": manifest["dataset_fingerprint"], "first": str(first),
                     "count": str(count), "model_id": model_id, "format": FORMAT}
             _save_shard_atomic(path, loss, meta)
-            entry["sha256"] = _sha256_file(path)
+            entry["sha256"] = sha256_file(path)
             _write_json_atomic(manifest_path, manifest)
     finally:
         if bar is not None:

@@ -29,7 +29,6 @@ changes nothing. Pickle is never used (no ``torch.load``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_model_weights
 from torch import nn
 
+from centrifuge._io import sha256_file
 from centrifuge.train import distributed
 from centrifuge.train.errors import CheckpointError
 
@@ -140,7 +140,7 @@ def save_checkpoint(
         # Every file of the checkpoint (weights, optimizer, RNG, plug-ins, config.json, tokenizer) with its
         # size and sha256, verified on resume before anything is loaded. Hashing reads each file once more
         # (from the page cache, ~1 GB/s), at every save and once on resume.
-        files = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256_file(os.path.join(tmp, n))}
+        files = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
                  for n in sorted(os.listdir(tmp))}
         state = {
             "format_version": FORMAT_VERSION,
@@ -283,7 +283,7 @@ def read_state(ckpt_dir: str, *, verify: bool = False) -> dict[str, Any]:
         actual = os.path.getsize(path)
         if actual != size:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} has {actual} bytes, {size} were written")
-        if verify and isinstance(entry, dict) and _sha256_file(path) != entry["sha256"]:
+        if verify and isinstance(entry, dict) and sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} does not match the sha256 recorded "
                                   f"in {STATE_FILE} (the file changed after it was written)")
     return state
@@ -377,14 +377,6 @@ def tokenizer_files(directory: str) -> list[str]:
             raise CheckpointError(f"{directory} holds {name}, which is {kind}; a run's tokenizer directory may "
                                   "hold only the tokenizer's own files")
     return names
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _short(value: Any) -> str:

@@ -50,3 +50,21 @@ def test_selection_after_revert_is_refused_and_apply_again_works(gen):
     centrifuge.apply(model)
     out = model(input_ids=ids, labels=labels, keep_mask=keep)
     assert int(out.num_counted) == int((keep[:, :-1] & (labels[:, 1:] != -100)).sum())
+
+
+def test_selection_after_revert_is_refused_through_a_peft_wrapper(gen):
+    """PeftModelForCausalLM reaches the causal LM through ``.forward`` (no module call): the guard sits on
+    the wrapper too, else a reverted LoRA model would train densely on a keep_mask without a word."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(task_type="CAUSAL_LM", r=4,
+                                                                     target_modules=["q_proj", "v_proj"]))
+    ids, labels = _batch(gen)
+    keep = torch.rand(ids.shape, generator=gen) < 0.5
+    keep[:, 5] = True
+    centrifuge.revert(centrifuge.apply(model))
+    with pytest.raises(TypeError, match="centrifuge.revert un-patched"):
+        model(input_ids=ids, labels=labels, keep_mask=keep)
+    assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
+    centrifuge.apply(model)
+    out = model(input_ids=ids, labels=labels, keep_mask=keep)
+    assert int(out.num_counted) == int((keep[:, :-1] & (labels[:, 1:] != -100)).sum())

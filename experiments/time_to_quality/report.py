@@ -16,7 +16,6 @@ wins for the same arm and seed) and writes to OUT (default ``DIR/report``):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ from typing import Any
 
 from experiments.time_to_quality import verdicts
 from experiments.time_to_quality.profiles import ARMS
-from experiments.utility.report import load_results, mean_curve
+from experiments.utility.report import load_results, mean_curve, run_meta, write_csv, write_markdown
 
 COLUMNS = ("arm", "seeds", "steps", "train_seconds", "median_step_ms", "tokens_per_s", "final_loss_mean",
            "final_loss_std", "final_loss_min", "final_loss_max", "vs_dense_pct", "reach_dense_fraction",
@@ -147,24 +146,10 @@ def write_report(directories: list[str], out: str | None = None) -> dict[str, An
     arms = group(results)
     rows = table_rows(arms)
     checks = verdicts.goals(arms)
-    envs = [r["environment"] for r in results]
-    meta = {
-        "devices": sorted({e["device"] for e in envs}),
-        "torch": sorted({e["torch"] for e in envs}),
-        "transformers": sorted({e["transformers"] for e in envs}),
-        "python": sorted({e["python"] for e in envs}),
-        "profiles": sorted({r["profile"] for r in results}),
-        "budgets_s": sorted({r.get("budget_s") for r in results if r.get("budget_s") is not None}),
-        "corpus_fingerprints": sorted({r["corpus_fingerprint"] for r in results}),
-        "scores_fingerprints": sorted({r["scores_fingerprint"] for r in results}),
-        "commands": [i["argv"] for i in invocations],
-        "report_inputs": directories,
-    }
+    meta = run_meta(results, invocations, directories)
+    meta["budgets_s"] = sorted({r.get("budget_s") for r in results if r.get("budget_s") is not None})
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
     payload = {"meta": meta, "table": rows, "verdicts": checks, "curves": curves(arms), "failures": failures}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
@@ -202,16 +187,8 @@ def write_summary(path: str, meta: dict, rows: list[dict], checks: list[dict], f
         *[f"- **{c['goal']}**: {c['text']}" for c in checks],
         "" if checks else "- no goal can be checked: the dense arm or its counterpart is missing",
         "",
-        f"Plot: {os.path.basename(png)}" if png else "Plot: not drawn (matplotlib is not installed here).",
-        "",
-        "Commands:",
-        "",
-        *[f"    {c}" for c in meta["commands"]],
     ]
-    if failures:
-        text += ["", "Failed runs:", "", *[f"- {f}" for f in failures]]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(text) + "\n")
+    write_markdown(path, text, meta, failures, png)
 
 
 def main(argv: list[str] | None = None) -> int:

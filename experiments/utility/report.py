@@ -287,21 +287,12 @@ def plot(arms: dict[str, dict[str, Any]], path: str) -> str | None:
     return path
 
 
-def write_report(directories: list[str], out: str | None = None) -> dict[str, Any]:
-    """Write the report files (see the module docstring) and return the JSON payload."""
-    out = out or os.path.join(directories[0], "report")
-    results, invocations, failures = load_results(directories)
-    if not results:
-        raise FileNotFoundError(f"no finished run (runs/*/seed*/result.json) under {', '.join(directories)}")
-    arms = summarize(results)
-    rows = table_rows(arms)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+def run_meta(results: list[dict[str, Any]], invocations: list[dict[str, Any]], directories: list[str]
+             ) -> dict[str, Any]:
+    """What a report says about where its runs come from: devices, versions, profiles, data fingerprints,
+    the commands that made them (shared by this study's report and time_to_quality's)."""
     envs = [r["environment"] for r in results]
-    meta = {
+    return {
         "devices": sorted({e["device"] for e in envs}),
         "torch": sorted({e["torch"] for e in envs}),
         "transformers": sorted({e["transformers"] for e in envs}),
@@ -312,6 +303,42 @@ def write_report(directories: list[str], out: str | None = None) -> dict[str, An
         "commands": [i["argv"] for i in invocations],
         "report_inputs": directories,
     }
+
+
+def write_csv(path: str, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(path: str, text: list[str], meta: dict[str, Any], failures: list[str], png: str | None) -> None:
+    """``text`` lines, then the plot's name, the commands and any failed runs, to ``path``."""
+    text = [
+        *text,
+        f"Plot: {os.path.basename(png)}" if png else "Plot: not drawn (matplotlib is not installed here).",
+        "",
+        "Commands:",
+        "",
+        *[f"    {c}" for c in meta["commands"]],
+    ]
+    if failures:
+        text += ["", "Failed runs:", "", *[f"- {f}" for f in failures]]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(text) + "\n")
+
+
+def write_report(directories: list[str], out: str | None = None) -> dict[str, Any]:
+    """Write the report files (see the module docstring) and return the JSON payload."""
+    out = out or os.path.join(directories[0], "report")
+    results, invocations, failures = load_results(directories)
+    if not results:
+        raise FileNotFoundError(f"no finished run (runs/*/seed*/result.json) under {', '.join(directories)}")
+    arms = summarize(results)
+    rows = table_rows(arms)
+    os.makedirs(out, exist_ok=True)
+    write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
+    meta = run_meta(results, invocations, directories)
     lines = findings(arms)
     payload = {"meta": meta, "table": rows, "arms": arms, "findings": lines, "failures": failures}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
@@ -346,16 +373,8 @@ def write_summary(path: str, meta: dict, rows: list[dict], lines: list[str], fai
         "when the seed ranges (min-max) do not overlap, else 'inconclusive'.",
         "",
         *lines,
-        f"Plot: {os.path.basename(png)}" if png else "Plot: not drawn (matplotlib is not installed here).",
-        "",
-        "Commands:",
-        "",
-        *[f"    {c}" for c in meta["commands"]],
     ]
-    if failures:
-        text += ["", "Failed runs:", "", *[f"- {f}" for f in failures]]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(text) + "\n")
+    write_markdown(path, text, meta, failures, png)
 
 
 def main(argv: list[str] | None = None) -> int:

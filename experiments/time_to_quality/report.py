@@ -15,7 +15,6 @@ wins for the same arm and seed) and writes to OUT (default ``DIR/report``):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ from typing import Any
 
 from experiments.time_to_quality import verdicts
 from experiments.time_to_quality.profiles import ARMS
-from experiments.utility.report import load_results, mean_curve, run_meta, write_csv, write_markdown
+from experiments.utility.report import load_results, mean_curve, report_args, run_meta, write_csv, write_markdown
 
 COLUMNS = ("arm", "seeds", "steps", "train_seconds", "median_step_ms", "tokens_per_s", "final_loss_mean",
            "final_loss_std", "final_loss_min", "final_loss_max", "vs_dense_pct", "reach_dense_fraction",
@@ -192,11 +191,7 @@ def write_summary(path: str, meta: dict, rows: list[dict], checks: list[dict], f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.time_to_quality.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="study output directories (--out of the runner)")
-    parser.add_argument("--out", default=None, help="report directory (default: DIR/report of the first DIR)")
-    args = parser.parse_args(argv)
+    args = report_args("python -m experiments.time_to_quality.report", __doc__, argv)
     payload = write_report(args.dirs, args.out)
     print(markdown_table(payload["table"]))
     print("\n".join(f"- {c['goal']}: {c['text']}" for c in payload["verdicts"]))

@@ -23,17 +23,7 @@ import tarfile
 import time
 
 from experiments.time_to_quality.profiles import ARMS, HEADLINE, PROFILES
-
-
-def _list(value: str, allowed: tuple[str, ...] | None = None) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if allowed is not None:
-        if items == ["all"]:
-            return list(allowed)
-        unknown = [i for i in items if i not in allowed]
-        if unknown:
-            raise argparse.ArgumentTypeError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(allowed)}")
-    return items
+from experiments.utility.run import _list
 
 
 def _runs(value: str) -> list[tuple[str, int]]:

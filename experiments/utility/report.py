@@ -377,12 +377,16 @@ def write_summary(path: str, meta: dict, rows: list[dict], lines: list[str], fai
     write_markdown(path, text, meta, failures, png)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.utility.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+def report_args(prog: str, doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """The report command's arguments (``dirs``, ``--out``), shared with time_to_quality's report."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="study output directories (--out of the runner)")
     parser.add_argument("--out", default=None, help="report directory (default: DIR/report of the first DIR)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = report_args("python -m experiments.utility.report", __doc__, argv)
     payload = write_report(args.dirs, args.out)
     print(markdown_table(payload["table"]))
     print("\n".join(payload["findings"]))

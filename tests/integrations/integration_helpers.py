@@ -73,6 +73,18 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**values)
 
 
+def sft_config(tmp_path, **extra):
+    """TRL's ``SFTConfig`` with ``training_args``' optimizer and schedule (so ``train_step`` can replay it),
+    plus ``extra`` (e.g. ``max_length``, ``packing``)."""
+    from trl import SFTConfig
+
+    base = training_args(tmp_path).to_dict()
+    keys = ("output_dir", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+            "optim", "lr_scheduler_type", "max_grad_norm", "weight_decay", "report_to", "use_cpu", "save_strategy",
+            "logging_strategy", "seed")
+    return SFTConfig(**{k: base[k] for k in keys}, **extra)
+
+
 class Recorder(TrainerCallback):
     """Per optimizer step: the micro-batches (tensors only), the grads before the optimizer step, and the
     parameters after it."""

@@ -11,6 +11,7 @@ from integration_helpers import (
     max_rel_err,
     prompt_completion_data,
     replay,
+    sft_config,
     tiny_model,
     training_args,
     word_tokenizer,
@@ -94,17 +95,12 @@ def test_trainer_equals_train_step_with_schedule(tmp_path, selector, checkpointi
 def test_sft_trainer_completion_only(tmp_path):
     """TRL SFTTrainer on prompt/completion pairs: prompt tokens (-100) are never kept, right padding neither,
     and the update equals train_step's."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     special = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     model = tiny_model(**special)
     recorder = Recorder()
-    base = training_args(tmp_path).to_dict()
-    args = SFTConfig(**{k: base[k] for k in ("output_dir", "max_steps", "per_device_train_batch_size",
-                                             "gradient_accumulation_steps", "learning_rate", "optim",
-                                             "lr_scheduler_type", "max_grad_norm", "weight_decay", "report_to",
-                                             "use_cpu", "save_strategy", "logging_strategy", "seed")},
-                     max_length=32, bf16=False, completion_only_loss=True, disable_tqdm=True)
+    args = sft_config(tmp_path, max_length=32, bf16=False, completion_only_loss=True, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prompt_completion_data(8, seed=3),
                          processing_class=word_tokenizer(), callbacks=[recorder])
     handle = enable_token_filtering(trainer, selector="self_loss", keep_ratio=0.6)

@@ -5,7 +5,7 @@ update equals the library's own train_step on the same batches (documents kept a
 from __future__ import annotations
 
 import pytest
-from integration_helpers import Recorder, max_rel_err, prompt_completion_data, tiny_model, training_args, word_tokenizer
+from integration_helpers import Recorder, max_rel_err, prompt_completion_data, sft_config, tiny_model, word_tokenizer
 from test_liger import restore_llama_module  # noqa: F401 (a fixture)
 from test_trainer import EXACT, reference_run
 
@@ -18,16 +18,11 @@ from centrifuge.tokens import selectors
 def test_sft_trainer_padding_free_packing(tmp_path, liger, restore_llama_module):  # noqa: F811
     """With ``use_liger_kernel=True`` too (Liger's RMSNorm upcasts to float32 where the tiny model's own norm
     stays in float64: a looser tolerance)."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     special = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
     recorder = Recorder()
-    base = training_args(tmp_path).to_dict()
-    args = SFTConfig(**{k: base[k] for k in ("output_dir", "max_steps", "per_device_train_batch_size",
-                                             "gradient_accumulation_steps", "learning_rate", "optim",
-                                             "lr_scheduler_type", "max_grad_norm", "weight_decay", "report_to",
-                                             "use_cpu", "save_strategy", "logging_strategy", "seed")},
-                     max_length=32, bf16=False, packing=True, disable_tqdm=True, use_liger_kernel=liger)
+    args = sft_config(tmp_path, max_length=32, bf16=False, packing=True, disable_tqdm=True, use_liger_kernel=liger)
     trainer = SFTTrainer(model=tiny_model(**special), args=args, train_dataset=prompt_completion_data(16, seed=3),
                          processing_class=word_tokenizer(), callbacks=[recorder])
     handle = enable_token_filtering(trainer, selector="random", keep_ratio=0.5)

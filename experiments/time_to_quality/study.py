@@ -215,20 +215,22 @@ def time_steps(config, steps: int) -> dict[str, Any]:
     The steps are the loop's own (``prepare_run``'s model, optimizer, plug-ins and data; ``train_step``);
     ``train_step`` reads the loss back, so CUDA work is inside each time. The first step (compilation,
     autotuning) is left out of the median."""
+    from centrifuge.models.liger import modeling_names_restored
     from centrifuge.train.loop import indexed_batch, prepare_run
     from centrifuge.train.step import train_step
 
-    run = prepare_run(config)
-    ctx, t = run.context, config.train
-    seconds = []
-    for step in range(1, steps + 1):
-        tic = time.perf_counter()
-        batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
-        train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
-                   loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
-                   hooks=ctx.hooks)  # fmt: skip
-        seconds.append(time.perf_counter() - tic)
-    del run
+    with modeling_names_restored():  # a dense arm's Liger patch (model.liger) must not reach the next model
+        run = prepare_run(config)
+        ctx, t = run.context, config.train
+        seconds = []
+        for step in range(1, steps + 1):
+            tic = time.perf_counter()
+            batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
+            train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
+                       loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
+                       hooks=ctx.hooks)  # fmt: skip
+            seconds.append(time.perf_counter() - tic)
+        del run
     utility._free_memory()
     return {"median_s": statistics.median(seconds[1:] or seconds), "seconds": seconds}
 
@@ -343,6 +345,16 @@ def run_arm(
     budget and the next-line exact match to ``result.json``. Returns the result (None on failure)."""
     if os.path.isfile(os.path.join(utility.run_dir_of(out, arm, seed), utility.RESULT)) and not force:
         return utility.run_arm(out, profile, arm, seed, device=device, prepared=prepared, say=say)
+    from centrifuge.models.liger import modeling_names_restored
+
+    with modeling_names_restored():  # the dense arm's Liger patch (model.liger) must not reach the next arm
+        return _calibrate_and_train(out, profile, arm, seed, device=device, prepared=prepared, force=force, say=say)
+
+
+def _calibrate_and_train(
+    out: str, profile: TimeProfile, arm: str, seed: int, *, device: str, prepared: dict[str, Any],
+    force: bool, say: Callable[[str], None],
+) -> dict[str, Any] | None:  # fmt: skip
     cal = calibrate(out, profile, arm, device=device, say=say)
     p = _paths(out)
     overrides = [*ttq_arm_overrides(arm, profile), *schedule_overrides(profile, cal["steps"]),

@@ -1,0 +1,84 @@
+"""Where `centrifuge train`'s step spends time beyond `centrifuge bench`'s forward + backward + optimizer.
+
+    PYTHONPATH=src python benchmarks/gpu_train_step_profile.py OUT [--data-set KEY=VALUE ...]
+
+ARMS=a,b (environment) picks arms, STEPS the timed steps. For each arm (dense with Liger, token-sparse random κ = 0.5, the same with tokens.compile=false) it builds
+the run as `centrifuge train` does (``prepare_run``), times STEPS loop steps split into the batch build (host)
+and ``train_step`` (forward, backward, clipping, optimizer, loss read back), then records a torch.profiler
+table of a few steps. Writes OUT/train_step_profile.json and OUT/<arm>.txt (profiler tables)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from centrifuge.train.config import load_config
+from centrifuge.train.loop import indexed_batch, prepare_run
+from centrifuge.train.step import train_step
+
+SHAPE = ('model.overrides={"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8, '
+         '"num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 16384, "max_position_embeddings": 1024}')
+ARMS = {
+    "dense_liger": ["tokens.keep_ratio=1.0", "model.liger=true"],
+    "random_k0.5": ["tokens.keep_ratio=0.5", "tokens.scope=batch", "tokens.selector=random"],
+    "random_k0.5_nocompile": ["tokens.keep_ratio=0.5", "tokens.scope=batch", "tokens.selector=random",
+                              "tokens.compile=false"],
+    "random_k0.5_sequence": ["tokens.keep_ratio=0.5", "tokens.scope=sequence", "tokens.selector=random"],
+}
+STEPS = int(os.environ.get("STEPS", "25"))
+
+
+def main(out: str, extra: list[str]) -> None:
+    os.makedirs(out, exist_ok=True)
+    results = {}
+    chosen = os.environ.get("ARMS", ",".join(ARMS)).split(",")
+    for arm, overrides in [(a, ARMS[a]) for a in chosen]:
+        config = load_config(None, [SHAPE, "data.seq_len=1024", "train.batch_size=16", "train.steps=100",
+                                    "train.lr=6e-4", "log.progress=false", "log.tensorboard=false",
+                                    f"train.out_dir={out}/runs/{arm}", *extra, *overrides])
+        from centrifuge.models.liger import modeling_names_restored
+
+        with modeling_names_restored():
+            run = prepare_run(config)
+            ctx, t = run.context, config.train
+            build, step_s = [], []
+            for step in range(1, STEPS + 1):
+                torch.cuda.synchronize()
+                tic = time.perf_counter()
+                batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
+                mid = time.perf_counter()
+                train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
+                           loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
+                           hooks=ctx.hooks)
+                torch.cuda.synchronize()
+                build.append(mid - tic)
+                step_s.append(time.perf_counter() - mid)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for step in range(STEPS + 1, STEPS + 4):
+                    batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
+                    train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
+                               loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm,
+                               autocast_dtype=run.autocast_dtype, hooks=ctx.hooks)
+                torch.cuda.synchronize()
+            with open(os.path.join(out, f"{arm}.txt"), "w") as f:
+                f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+                f.write("\n\n")
+                f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+            results[arm] = {"batch_build_ms": 1000 * statistics.median(build[3:]),
+                            "train_step_ms": 1000 * statistics.median(step_s[3:]),
+                            "train_step_ms_all": [round(1000 * s, 2) for s in step_s]}
+            print(arm, json.dumps({k: v for k, v in results[arm].items() if k != "train_step_ms_all"}), flush=True)
+            del run
+            torch.cuda.empty_cache()
+    with open(os.path.join(out, "train_step_profile.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "arms": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], [a.split("=", 1)[1] if a.startswith("--data-set=") else a for a in sys.argv[2:]])

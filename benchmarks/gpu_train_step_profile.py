@@ -2,10 +2,11 @@
 
     PYTHONPATH=src python benchmarks/gpu_train_step_profile.py OUT [--data-set KEY=VALUE ...]
 
-ARMS=a,b (environment) picks arms, STEPS the timed steps. For each arm (dense with Liger, token-sparse random κ = 0.5, the same with tokens.compile=false) it builds
-the run as `centrifuge train` does (``prepare_run``), times STEPS loop steps split into the batch build (host)
-and ``train_step`` (forward, backward, clipping, optimizer, loss read back), then records a torch.profiler
-table of a few steps. Writes OUT/train_step_profile.json and OUT/<arm>.txt (profiler tables)."""
+ARMS=a,b (environment) picks arms, STEPS the timed steps. For each arm (dense with Liger, token-sparse random κ
+= 0.5, the same with tokens.compile=false) it builds the run as `centrifuge train` does (``prepare_run``), times
+STEPS loop steps split into the batch build (host) and ``train_step`` (forward, backward, clipping, optimizer,
+loss read back), then records a torch.profiler table of a few steps. Writes OUT/train_step_profile.json and
+OUT/<arm>.txt (profiler tables)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Where `centrifuge train`'s step spends time beyond `centrifuge bench`'s forward + backward + optimizer.
 
-    PYTHONPATH=src python benchmarks/gpu_train_step_profile.py OUT [--data-set KEY=VALUE ...]
+    PYTHONPATH=src python benchmarks/gpu_train_step_profile.py OUT [KEY=VALUE ...]   # config overrides
+    python benchmarks/gpu_train_step_profile.py --plot PNG LABEL=OUT/train_step_profile.json [...]
 
 ARMS=a,b (environment) picks arms, STEPS the timed steps. For each arm (dense with Liger, token-sparse random κ
 = 0.5, the same with tokens.compile=false) it builds the run as `centrifuge train` does (``prepare_run``), times
@@ -81,5 +82,35 @@ def main(out: str, extra: list[str]) -> None:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "arms": results}, f, indent=1)
 
 
+def plot(png: str, runs: list[str]) -> None:
+    """Bars of each arm's median train_step time, one group per LABEL=train_step_profile.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loaded = []
+    for label, path in (r.split("=", 1) for r in runs):
+        with open(path) as f:
+            loaded.append((label, json.load(f)["arms"]))
+    arms = list(dict.fromkeys(arm for _, data in loaded for arm in data))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(loaded)
+    for i, (label, data) in enumerate(loaded):
+        xs = [j + i * width for j, arm in enumerate(arms) if arm in data]
+        ys = [data[arm]["train_step_ms"] for arm in arms if arm in data]
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks([j + width * (len(loaded) - 1) / 2 for j in range(len(arms))], arms, fontsize=8)
+    ax.set_ylabel("centrifuge train step (ms, median)")
+    ax.set_title("One training step as `centrifuge train` runs it (fp32 weights, bf16 autocast), H200", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], [a.split("=", 1)[1] if a.startswith("--data-set=") else a for a in sys.argv[2:]])
+    if sys.argv[1] == "--plot":  # --plot PNG LABEL=JSON [LABEL=JSON ...]
+        plot(sys.argv[2], sys.argv[3:])
+    else:
+        main(sys.argv[1], [a.split("=", 1)[1] if a.startswith("--data-set=") else a for a in sys.argv[2:]])

@@ -3,11 +3,11 @@
     PYTHONPATH=src python benchmarks/gpu_train_step_profile.py OUT [KEY=VALUE ...]   # config overrides
     python benchmarks/gpu_train_step_profile.py --plot PNG LABEL=OUT/train_step_profile.json [...]
 
-ARMS=a,b (environment) picks arms, STEPS the timed steps. For each arm (dense with Liger, token-sparse random κ
-= 0.5, the same with tokens.compile=false) it builds the run as `centrifuge train` does (``prepare_run``), times
-STEPS loop steps split into the batch build (host) and ``train_step`` (forward, backward, clipping, optimizer,
-loss read back), then records a torch.profiler table of a few steps. Writes OUT/train_step_profile.json and
-OUT/<arm>.txt (profiler tables)."""
+ARMS=a,b (environment) picks arms, STEPS the timed steps, SYNC_DEBUG=1 also lists where one step synchronises.
+For each arm (dense with Liger, token-sparse random κ = 0.5, the same with tokens.compile=false) it builds the
+run as `centrifuge train` does (``prepare_run``), times STEPS loop steps split into the batch build (host) and
+``train_step`` (forward, backward, clipping, optimizer, loss read back), then records a torch.profiler table of
+a few steps. Writes OUT/train_step_profile.json and OUT/<arm>.txt (profiler tables)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def main(out: str, extra: list[str]) -> None:
                 torch.cuda.synchronize()
                 build.append(mid - tic)
                 step_s.append(time.perf_counter() - mid)
+            if os.environ.get("SYNC_DEBUG"):  # where the step makes the host wait for the GPU, one step
+                _record_syncs(run, ctx, t, STEPS + 4, os.path.join(out, f"{arm}_syncs.txt"))
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for step in range(STEPS + 1, STEPS + 4):
@@ -80,6 +82,39 @@ def main(out: str, extra: list[str]) -> None:
             torch.cuda.empty_cache()
     with open(os.path.join(out, "train_step_profile.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "arms": results}, f, indent=1)
+
+
+def _record_syncs(run, ctx, t, step: int, path: str) -> None:
+    """One step under ``torch.cuda.set_sync_debug_mode("warn")``: every host-device synchronisation becomes a
+    warning; their call sites (innermost frame in centrifuge, else the innermost) are counted into ``path``."""
+    import collections
+    import traceback
+    import warnings
+
+    sites: collections.Counter[str] = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        frames = traceback.extract_stack()[:-2]
+        ours = [f for f in frames if "centrifuge" in f.filename and "gpu_train_step_profile" not in f.filename]
+        frame = (ours or frames)[-1]
+        sites[f"{frame.filename.split('src/')[-1]}:{frame.lineno} {frame.name}"] += 1
+
+    batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
+                       loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
+                       hooks=ctx.hooks)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    with open(path, "w") as f:
+        f.write(f"{sum(sites.values())} synchronisations in one step\n")
+        for site, count in sites.most_common():
+            f.write(f"{count:4d}  {site}\n")
 
 
 def plot(png: str, runs: list[str]) -> None:

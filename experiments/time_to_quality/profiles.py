@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experiments.time_to_quality.corpus import SourceCorpusSettings
-from experiments.utility.profiles import Profile, arm_overrides
+from experiments.utility.profiles import Profile, _excess, arm_overrides
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,28 @@ ARMS: tuple[str, ...] = (
     "tokens_neurons",  # excess-loss tokens + LORS
     "neurons_lors_eqsteps",  # LORS with dense's step count (the "within 1% at equal steps" check)
 )
+# Recipes to try when excess-loss selection trails dense (issue 21, point 4: keep-ratio schedules that end
+# dense, another κ, per-sequence top-k). Not part of "--arms all"; run them by name (--arms / --runs).
+TOKEN_LADDER = {"hold_fraction": 0.5, "rungs": 4, "end": 1.0}  # κ held for half the run, 4 rungs up to dense
+RECIPES: dict[str, list[str]] = {
+    "centrifuge_k0.7": _excess(0.7, "fast"),
+    "centrifuge_seq_k0.5": [*(o for o in _excess(0.5, "fast") if not o.startswith("tokens.scope=")),
+                            "tokens.scope=sequence"],
+    "centrifuge_k0.5_to_dense": [*_excess(0.5, "fast"), "tokens.schedule=ladder",
+                                 "tokens.schedule_params={{" + ", ".join(f"{k}: {v}" for k, v in TOKEN_LADDER.items())
+                                 + "}}"],  # {{ }}: the runner's str.format fills {scores} / {seed}
+}  # fmt: skip
+RUNNABLE: tuple[str, ...] = (*ARMS, *RECIPES)
 HEADLINE = ("dense", "centrifuge_k0.5")  # the pair run with two seeds
 EQUAL_STEPS = {"neurons_lors_eqsteps": ("neurons_lors", "dense")}  # arm -> (overrides of, steps of)
 
 
 def ttq_arm_overrides(arm: str, profile: TimeProfile) -> list[str]:
     """The arm's ``tokens`` / ``neurons`` overrides (``{scores}`` / ``{seed}`` filled in by the runner)."""
+    if arm in RECIPES:
+        return [*RECIPES[arm], *profile.arm_extra]
     if arm not in ARMS:
-        raise KeyError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+        raise KeyError(f"unknown arm {arm!r}; arms: {', '.join(RUNNABLE)}")
     base = EQUAL_STEPS.get(arm, (arm, arm))[0]
     return [*arm_overrides(base, profile), *profile.arm_extra, *(profile.dense_extra if arm == "dense" else ())]
 

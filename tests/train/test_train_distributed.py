@@ -57,8 +57,9 @@ def loss_for(case: str):
     return loss
 
 
-def one_step(model, train_model, case: str, batches, full_grad) -> dict[str, torch.Tensor]:
-    """One train_step; returns the normalized gradients, the grad norm and the weights after the step."""
+def one_step(model, train_model, case: str, batches, full_grad, events: list | None = None) -> dict[str, torch.Tensor]:
+    """One train_step; returns the normalized gradients, the grad norm and the weights after the step.
+    ``events`` (when given) receives "after_backward" when the gradients have been scaled."""
     if case != "dense":
         centrifuge.apply(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -66,6 +67,8 @@ def one_step(model, train_model, case: str, batches, full_grad) -> dict[str, tor
 
     def record(step):
         grads.update({f"grad/{n}": full_grad(p.grad) for n, p in model.named_parameters()})
+        if events is not None:
+            events.append("after_backward")
 
     stats = train_step(train_model, batches, optimizer, None, step=1, loss_fn=loss_for(case), max_grad_norm=0.05,
                        hooks=StepHooks(after_backward=[record]))
@@ -74,21 +77,53 @@ def one_step(model, train_model, case: str, batches, full_grad) -> dict[str, tor
             "counted": torch.tensor(stats.num_counted)}
 
 
-def _worker(rank: int, store: str, out: str, strategy: str) -> None:
+class CollectiveLog:
+    """Wraps ``dist.all_reduce`` in this process: logs "all_reduce" / "all_reduce(async)" and, for async
+    calls, "wait" when the caller waits for the result."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self._original = dist.all_reduce
+
+    def __enter__(self) -> CollectiveLog:
+        def all_reduce(tensor, *args, async_op=False, **kwargs):
+            self.events.append("all_reduce(async)" if async_op else "all_reduce")
+            work = self._original(tensor, *args, async_op=async_op, **kwargs)
+            if not async_op:
+                return work
+            log = self.events
+
+            class Logged:
+                def wait(self, *a, **k):
+                    log.append("wait")
+                    return work.wait(*a, **k)
+
+            return Logged()
+
+        dist.all_reduce = all_reduce
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self._original
+
+
+def _worker(rank: int, store: str, out: str, strategy: str, knobs: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         info = distributed.init_distributed(strategy, torch.device("cpu"))
         assert (info.rank, info.world_size, info.strategy) == (rank, 2, strategy)
-        results = {}
+        results, events = {}, {}
         for case in CASES:
             model = tiny_model()
-            train_model = distributed.wrap_model(model, info)
+            train_model = distributed.wrap_model(model, info, **knobs)
             share = [distributed.local_share(b, info) for b in global_batches()]
             full = (lambda t: t.full_tensor()) if strategy == "fsdp2" else (lambda t: t.clone())
-            results[case] = one_step(model, train_model, case, share, full)
-        torch.save(results, f"{out}.{rank}")
+            with CollectiveLog() as log:
+                results[case] = one_step(model, train_model, case, share, full, log.events)
+            events[case] = log.events
+        torch.save({"results": results, "events": events}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -103,11 +138,27 @@ def single_process() -> dict[str, dict[str, torch.Tensor]]:
     return results
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_equal_one_process(strategy, single_process, tmp_path):
+# FSDP2's knobs for a short backward (train.fsdp_reshard_after_forward / fsdp_prefetch) change only when the
+# weights are all-gathered, never the gradients.
+KNOBS = {"default": {}, "keep_gathered+prefetch1": {"reshard_after_forward": False, "prefetch": 1},
+         "prefetch2": {"prefetch": 2}}
+
+
+@pytest.mark.parametrize(("strategy", "knobs"), [("ddp", "default"), ("fsdp2", "default"),
+                                                 ("fsdp2", "keep_gathered+prefetch1"), ("fsdp2", "prefetch2")])
+def test_two_ranks_equal_one_process(strategy, knobs, single_process, tmp_path):
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), out, strategy), nprocs=2, join=True)
-    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    mp.spawn(_worker, args=(str(tmp_path / "store"), out, strategy, KNOBS[knobs]), nprocs=2, join=True)
+    saved = [torch.load(f"{out}.{r}") for r in range(2)]
+    ranks = [s["results"] for s in saved]
+    for rank in saved:
+        # The step's collectives of all_reduce: with token filtering the global kept count is known from the
+        # global mask, so the one all-reduce of the step's sums is async and waited for only after the
+        # gradients were scaled (after_backward); dense training needs the count first (one blocking call).
+        # (DDP / FSDP2 reduce gradients through their own reducers, not dist.all_reduce.)
+        assert rank["events"]["dense"] == ["all_reduce", "after_backward"], rank["events"]["dense"]
+        for case in ("keep_mask", "select"):
+            assert rank["events"][case] == ["all_reduce(async)", "after_backward", "wait"], rank["events"][case]
     for case in CASES:
         ref = single_process[case]
         assert ref["grad/model.layers.0.mlp.down_proj.weight"].abs().sum() > 0

@@ -110,12 +110,18 @@ class TrainSection:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     distributed: str = "auto"  # under torchrun: "auto" (= ddp), "ddp" or "fsdp2"; one process: ignored
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (kept rows only)
+    # fsdp2 only: free each layer's all-gathered weights after its forward (FSDP2's default) or keep them
+    # to the backward (false: one all-gather per layer and step instead of two, more memory)
+    fsdp_reshard_after_forward: bool = True
+    fsdp_prefetch: int = 0  # fsdp2 only: 0 = FSDP2's implicit prefetch; k >= 1 = all-gather k layers ahead
 
     def validate(self) -> None:
         from centrifuge.train.distributed import STRATEGIES
 
         _require_choice(self.distributed, "train.distributed", STRATEGIES)
         _require(self.steps >= 1, "train.steps", "must be at least 1", self.steps)
+        _require(self.fsdp_prefetch >= 0, "train.fsdp_prefetch", "must be >= 0 (0 = FSDP2's implicit prefetch)",
+                 self.fsdp_prefetch)
         _require(self.batch_size >= 1, "train.batch_size", "must be at least 1", self.batch_size)
         _require(self.grad_accum >= 1, "train.grad_accum", "must be at least 1", self.grad_accum)
         _require(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be a positive number", self.lr)

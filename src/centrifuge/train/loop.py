@@ -549,7 +549,9 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
         key = "model.path" if config.model.path is not None else "model.overrides"
         raise ConfigError(f"{key}: cannot build the model ({' '.join(str(err).split())})") from None
     model.train()
-    train_model = distributed.wrap_model(model, info)  # FSDP2 shards `model` in place: optimizer after it
+    train_model = distributed.wrap_model(  # FSDP2 shards `model` in place: optimizer after it
+        model, info, reshard_after_forward=config.train.fsdp_reshard_after_forward,
+        prefetch=config.train.fsdp_prefetch)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     if resume_from is not None:

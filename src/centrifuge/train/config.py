@@ -179,10 +179,18 @@ class CheckpointSection:
 
     every: int = 100  # 0 = only at the end (and on SIGINT/SIGTERM)
     keep: int = 2  # how many of the newest checkpoints to keep
+    # "auto" (sharded under train.distributed=fsdp2, full otherwise), "full" (one set of files, written by
+    # rank 0) or "sharded" (every rank writes its shards through torch.distributed.checkpoint)
+    format: str = "auto"
+    # sharded checkpoints: when to add model.safetensors (full weights gathered onto rank 0, for
+    # from_pretrained): "every" checkpoint or only the "last" one of the run (the final step or a stop signal)
+    full_weights: str = "every"
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0", self.every)
         _require(self.keep >= 1, "checkpoint.keep", "must be at least 1", self.keep)
+        _require_choice(self.format, "checkpoint.format", ("auto", "full", "sharded"))
+        _require_choice(self.full_weights, "checkpoint.full_weights", ("every", "last"))
 
 
 @dataclass

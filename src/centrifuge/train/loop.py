@@ -533,7 +533,6 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     state, notes = None, []
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
-        ckpt.check_world_size(resume_from, state)
         notes = _check_resumable(config, state.get("config") or {}, resume_from, state["step"])
     hf_config = model_config(config)
     docs, source = read_documents(config.data)
@@ -625,7 +624,10 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         say(point.describe())
         return point
 
-    def save(step: int) -> str:
+    sharded = config.checkpoint.format == "sharded" or (config.checkpoint.format == "auto"
+                                                         and run.dist.strategy == "fsdp2")
+
+    def save(step: int, *, last: bool = False) -> str:
         if not weights_finite(ctx.model, run.dist):
             where = f"the last good checkpoint is {saved_path}" if saved_path else "no checkpoint was saved"
             raise TrainingStoppedError(
@@ -644,7 +646,8 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         return ckpt.save_checkpoint(
             run.run_dir, step=step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
             extra=extra, tokenizer_dir=tokenizer_dir, keep=config.checkpoint.keep,
-            plugin_state={name: obj.state_dict() for name, obj in ctx.plugin_state.items()},
+            plugin_state={name: obj.state_dict() for name, obj in ctx.plugin_state.items()}, sharded=sharded,
+            full_weights=config.checkpoint.full_weights == "every" or last or step == t.steps,
         )  # fmt: skip
 
     step, saved_path = run.start_step, run.resume_from
@@ -687,7 +690,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             if stop_signal is None:  # a signal during the last step (every rank reaches this line)
                 stop_signal = _agreed_signal(stop.signum, run.dist)
             if stop_signal is not None:
-                saved_path = save(step)
+                saved_path = save(step, last=True)
                 name = signal.Signals(stop_signal).name
                 say(f"stopped by {name} after step {step}: checkpoint saved to {saved_path}; continue with --resume")
     finally:

@@ -1,14 +1,17 @@
 """`centrifuge train` under `torchrun --nproc-per-node 2` on the CPU (gloo): the run equals a one-process run of
-the same config, only rank 0 writes, a resumed FSDP2 run continues bit for bit, and a checkpoint refuses
-another number of processes."""
+the same config, only rank 0 writes, a resumed FSDP2 run continues bit for bit, and its sharded checkpoint
+(torch.distributed.checkpoint) resumes on 1 and 3 processes as the uninterrupted run continues; a corrupt or
+missing shard is one clear error, and DCP's pickled index is never read."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +25,8 @@ STEPS = ["train.steps=4", "checkpoint.every=2", "eval.every=0", "log.every=1", "
          "tokens.scope=batch"]
 
 
-def torchrun(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def torchrun(env: dict[str, str], *args: str, timeout: float = 120, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "centrifuge.cli.main", "train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -77,14 +80,101 @@ def test_torchrun_equals_one_process_and_resumes_exactly(tmp_path, fast_override
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     assert any(not torch.equal(weights(fsdp, 2)[k], resumed[k]) for k in resumed)  # it did train on
 
-    # One process cannot continue a 2-rank checkpoint: one clear error, nothing written.
-    before = sorted(os.listdir(os.path.join(fsdp, "checkpoints")))
-    metrics = (tmp_path / "fsdp2" / "metrics.jsonl").read_text()
-    done = cli("train", "--resume", "--set", f"train.out_dir={fsdp}", "--set", "train.steps=6")
-    assert done.returncode == 2
-    assert "written by a run of 2 process(es) and this run has 1" in done.stderr
-    assert sorted(os.listdir(os.path.join(fsdp, "checkpoints"))) == before
-    assert (tmp_path / "fsdp2" / "metrics.jsonl").read_text() == metrics
+
+def sharded_files(ckpt: str) -> set[str]:
+    return {n for n in os.listdir(ckpt) if n.endswith(".distcp") or n.startswith(("dcp_", ".metadata"))}
+
+
+def checkpoint_listing(run_dir: str) -> dict[str, list[str]]:
+    root = os.path.join(run_dir, "checkpoints")
+    return {d: sorted(os.listdir(os.path.join(root, d))) for d in sorted(os.listdir(root))}
+
+
+class PickleBomb:
+    """Unpickling it creates the file named by ``path`` (what a forged pickled index could do)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_sharded_checkpoint_resumes_on_other_rank_counts(tmp_path, fast_overrides, cli, env):
+    """FSDP2 on 2 ranks writes sharded checkpoints (each rank its shards, no gather of the optimizer); stopped
+    at step 2, the run continues on 1 and on 3 processes with the losses and weights of the uninterrupted
+    run (fp32: the ranks sum in another order) and the same data order (equal token counts per step)."""
+    items = [*STEPS, "train.distributed=fsdp2", "train.batch_size=6"]  # 6 sequences split over 1, 2 and 3 ranks
+    whole = str(tmp_path / "whole")
+    done = torchrun(env, *sets(fast_overrides(*items, out_dir=whole)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    step2 = os.path.join(whole, "checkpoints", "step-0000002")
+    with open(os.path.join(step2, "state.json")) as f:
+        state = json.load(f)
+    assert (state["layout"], state["world_size"]) == ("sharded", 2)
+    assert sharded_files(step2) == {"__0_0.distcp", "__1_0.distcp", "dcp_metadata.json"}  # no pickled .metadata
+    assert sharded_files(step2) <= set(state["files"]) and "optimizer.safetensors" not in state["files"]
+    assert "model.safetensors" in state["files"]  # checkpoint.full_weights=every: loadable by from_pretrained
+    reference = train_records(whole)
+
+    for nproc in (1, 3):
+        run = str(tmp_path / f"resumed-{nproc}")
+        shutil.copytree(whole, run)
+        shutil.rmtree(os.path.join(run, "checkpoints", "step-0000004"))
+        if nproc == 1:
+            # A pickled `.metadata` planted next to the shards is never unpickled: the index is dcp_metadata.json.
+            marker = tmp_path / "unpickled"
+            with open(os.path.join(run, "checkpoints", "step-0000002", ".metadata"), "wb") as f:
+                pickle.dump(PickleBomb(str(marker)), f)
+            done = cli("train", "--resume", "--set", f"train.out_dir={run}")
+            assert not marker.exists()
+        else:
+            done = torchrun(env, "--resume", "--set", f"train.out_dir={run}", nproc=nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "resuming from" in done.stdout and done.stdout.count("done: 4 steps") == 1
+        records = train_records(run)
+        assert [r["step"] for r in records] == [1, 2, 3, 4]
+        for r, ref in zip(records, reference, strict=True):
+            assert (r["num_counted"], r["num_valid"]) == (ref["num_counted"], ref["num_valid"]), nproc
+            assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), (nproc, r["step"])
+        got, want = weights(run), weights(whole)
+        assert got.keys() == want.keys()
+        for name, ref in want.items():
+            torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=2e-6, msg=name)
+        assert any(not torch.equal(weights(run, 2)[k], got[k]) for k in got)  # it did train on
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "index"])
+def test_bad_shard_is_one_error_and_changes_nothing(damage, tmp_path, fast_overrides, cli, env):
+    """A sharded checkpoint (written by one process here: checkpoint.format=sharded) with a flipped byte in a
+    shard, a missing shard or an edited index: one CheckpointError (exit 2), no file of the run changed."""
+    run = str(tmp_path / "run")
+    done = cli("train", *sets(fast_overrides("train.steps=2", "checkpoint.every=1", "eval.every=0",
+                                             "checkpoint.format=sharded", "checkpoint.keep=1", out_dir=run)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = os.path.join(run, "checkpoints", "step-0000002")
+    assert sharded_files(ckpt) == {"__0_0.distcp", "dcp_metadata.json"}
+    if damage == "flip":
+        path = Path(ckpt, "__0_0.distcp")
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        expected = "__0_0.distcp does not match the sha256 recorded in state.json"
+    elif damage == "missing":
+        os.unlink(os.path.join(ckpt, "__0_0.distcp"))
+        expected = "is incomplete: __0_0.distcp is missing"
+    else:
+        path = Path(ckpt, "dcp_metadata.json")
+        path.write_text(path.read_text().replace('"__0_0.distcp"', '"__9_0.distcp"', 1))  # same size
+        expected = "dcp_metadata.json does not match the sha256"
+    before = checkpoint_listing(run)
+    metrics = Path(run, "metrics.jsonl").read_text()
+    done = cli("train", "--resume", "--set", f"train.out_dir={run}", "--set", "train.steps=3")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert expected in done.stderr and done.stderr.count("centrifuge train: error") == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert checkpoint_listing(run) == before
+    assert Path(run, "metrics.jsonl").read_text() == metrics
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")

@@ -33,9 +33,12 @@ file of a checkpoint is ever fully unpickled: a forged checkpoint can hold wrong
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -95,8 +98,9 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     import torch.distributed.checkpoint as dcp
 
     tensors, rest = flat_state(model, optimizer)
-    metadata = dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory, single_file_per_rank=True,
-                                                                      sync_files=True))
+    with _one_process_quiet():
+        metadata = dcp.save(tensors, no_dist=_no_dist(),
+                            storage_writer=dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True))
     if _rank() == 0:  # the coordinator: DCP's returned Metadata is the one it pickled (not read back)
         if metadata is None or metadata.storage_data is None:
             raise RuntimeError("torch.distributed.checkpoint.save returned no index on rank 0")
@@ -106,6 +110,19 @@ def save(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
             f.write("\n")
         os.unlink(pickled)
     return rest
+
+
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """Silence DCP's warning that it runs in one process (it warns whenever there is no process group)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or uninitialized")
+        yield
+
+
+def _no_dist() -> bool:
+    """One process without a process group (DCP would warn that it assumes so)."""
+    return not (dist.is_available() and dist.is_initialized())
 
 
 def _rank() -> int:
@@ -292,7 +309,8 @@ def load(ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, stat
     targets, _ = flat_state(model, optimizer)
     check(ckpt_dir, metadata, targets)
     try:
-        dcp.load(targets, storage_reader=_reader_class()(ckpt_dir, metadata))
+        with _one_process_quiet():
+            dcp.load(targets, storage_reader=_reader_class()(ckpt_dir, metadata), no_dist=_no_dist())
     except Exception as err:  # the files matched their sha256, so this is a writer's bug or a torch change
         raise CheckpointError(f"checkpoint {ckpt_dir}: DCP could not read it ({' '.join(str(err).split())})") \
             from None

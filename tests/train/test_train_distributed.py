@@ -17,13 +17,14 @@ import torch.multiprocessing as mp
 from transformers import AutoConfig
 
 import centrifuge
+from centrifuge import neurons
 from centrifuge.models.presets import build_model
 from centrifuge.tokens import selectors
 from centrifuge.tokens.training import TokenFilterLoss
 from centrifuge.train import distributed
 from centrifuge.train.step import StepHooks, dense_loss, train_step
 
-CASES = ("dense", "keep_mask", "select")
+CASES = ("dense", "keep_mask", "select", "neurons")  # neurons: keep_mask + neuron omission (optimizer protected)
 B, T, ACCUM = 4, 16, 2  # global micro-batch of 4 sequences: 2 per rank
 
 
@@ -51,7 +52,7 @@ def global_batches() -> list[dict[str, torch.Tensor]]:
 def loss_for(case: str):
     if case == "dense":
         return dense_loss
-    selector = selectors.random(0.5, seed=5) if case == "keep_mask" else selectors.self_loss(0.4, scope="batch")
+    selector = selectors.self_loss(0.4, scope="batch") if case == "select" else selectors.random(0.5, seed=5)
     loss = TokenFilterLoss(selector=selector, dense_loss=dense_loss, total_steps=1, across_ranks=True)
     loss.set_step(0)
     return loss
@@ -64,6 +65,11 @@ def one_step(model, train_model, case: str, batches, full_grad, events: list | N
         centrifuge.apply(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     grads = {}
+    before_forward = []
+    if case == "neurons":  # as centrifuge train's plug-ins: after wrapping, after centrifuge.apply
+        omitter = neurons.attach(model, rate=0.5, metric="uniform", multiple=16, total_steps=1)
+        omitter.protect(optimizer)
+        before_forward.append(lambda step: omitter.plan(step - 1))
 
     def record(step):
         grads.update({f"grad/{n}": full_grad(p.grad) for n, p in model.named_parameters()})
@@ -71,7 +77,7 @@ def one_step(model, train_model, case: str, batches, full_grad, events: list | N
             events.append("after_backward")
 
     stats = train_step(train_model, batches, optimizer, None, step=1, loss_fn=loss_for(case), max_grad_norm=0.05,
-                       hooks=StepHooks(after_backward=[record]))
+                       hooks=StepHooks(before_forward=before_forward, after_backward=[record]))
     weights = {f"weight/{n}": full_grad(p.detach()) for n, p in model.named_parameters()}
     return {**grads, **weights, "grad_norm": torch.tensor(stats.grad_norm), "loss": torch.tensor(stats.loss),
             "counted": torch.tensor(stats.num_counted)}
@@ -157,7 +163,7 @@ def test_two_ranks_equal_one_process(strategy, knobs, single_process, tmp_path):
         # gradients were scaled (after_backward); dense training needs the count first (one blocking call).
         # (DDP / FSDP2 reduce gradients through their own reducers, not dist.all_reduce.)
         assert rank["events"]["dense"] == ["all_reduce", "after_backward"], rank["events"]["dense"]
-        for case in ("keep_mask", "select"):
+        for case in ("keep_mask", "select", "neurons"):
             assert rank["events"][case] == ["all_reduce(async)", "after_backward", "wait"], rank["events"][case]
     for case in CASES:
         ref = single_process[case]
@@ -174,3 +180,11 @@ def test_two_ranks_equal_one_process(strategy, knobs, single_process, tmp_path):
         ref = single_process
         assert int(ref["keep_mask"]["counted"]) < int(ref["dense"]["counted"])
         assert not torch.equal(ref["select"]["grad/lm_head.weight"], ref["dense"]["grad/lm_head.weight"])
+        # neuron omission: omitted rows get no gradient and do not move (the protected optimizer), and the
+        # neurons case differs from keep_mask alone
+        down = "model.layers.0.mlp.down_proj.weight"
+        zero_cols = (ref["neurons"][f"grad/{down}"] == 0).all(dim=0)
+        assert int(zero_cols.sum()) == 48, int(zero_cols.sum())  # 96 channels, rate 0.5
+        fresh = tiny_model().state_dict()[down]
+        assert torch.equal(ref["neurons"][f"weight/{down}"][:, zero_cols], fresh[:, zero_cols])
+        assert not torch.equal(ref["neurons"][f"weight/{down}"], fresh)

@@ -11,20 +11,30 @@ Layout of ``<run>/checkpoints/step-0000120/``:
 - ``state.json`` (written last): step, data position, scheduler state, optimizer hyper-parameters per
   group (parameters by name), python and numpy RNG states, the run's config, and the size of every file.
 
-Under ``torchrun`` (``centrifuge.train.distributed``) the checkpoint is the same *full* one, written by rank 0:
-DDP ranks hold identical weights; FSDP2 shards are gathered (``get_model_state_dict`` /
-``get_optimizer_state_dict`` with ``full_state_dict``, to rank 0's CPU) and, on loading, every rank reads the
-files and keeps its shard (``set_model_state_dict`` / ``set_optimizer_state_dict``). Every rank's torch RNG
-state is stored (``rng.safetensors``: rank 0's under the plain keys, rank r's as ``rank<r>/<key>``) and
-``state.json`` records ``world_size``; resuming with another number of ranks is refused (one
-``CheckpointError``), since each rank's RNG stream and batch share belong to its rank. The files must be on a
-file system every rank sees.
+Under ``torchrun`` (``centrifuge.train.distributed``) there are two layouts (``checkpoint.format``):
+
+- **full** (one process, DDP; FSDP2 with ``format: full``): the files above, written by rank 0. DDP ranks hold
+  identical weights; FSDP2 shards are gathered (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
+  ``full_state_dict``, to rank 0's CPU) and, on loading, every rank reads the files and keeps its shard.
+- **sharded** (the default under FSDP2; ``format_version`` 3, ``"layout": "sharded"``): weights and AdamW state
+  through ``torch.distributed.checkpoint``, every rank writing its own shards (``__<rank>_0.distcp``) and one
+  index, ``dcp_metadata.json``, instead of ``model.safetensors`` / ``optimizer.safetensors``; nothing is
+  gathered but the Hugging Face export ``model.safetensors`` (``checkpoint.full_weights``: every checkpoint,
+  or only the last). DCP's own pickled index is never written nor read (``centrifuge.train.sharded_checkpoint``).
+
+Both resume on any number of ranks (DCP reshards; a full checkpoint is split by FSDP2 or loaded whole): the
+data order is global and ``state.json`` records ``world_size``. Every rank's torch RNG state is stored
+(``rng.safetensors``: rank 0's under the plain keys, rank r's as ``rank<r>/<key>``); with the same number of
+ranks each takes its own back, with another number they must all have been equal (``check_world_size``;
+otherwise one ``CheckpointError``). The files must be on a file system every rank sees.
 
 A checkpoint is written in a temporary directory next to its final place and moved there with one
 ``os.replace``, so a crash (even SIGKILL) leaves either the whole checkpoint or none. Only the newest
-``keep`` are kept. Loading checks every file (present, full size, readable header, same parameter names and
-shapes as the model) before touching the model, so a bad checkpoint gives one ``CheckpointError`` and
-changes nothing. Pickle is never used (no ``torch.load``).
+``keep`` are kept. Loading checks every file (present, full size, sha256, readable header or index, same
+parameter names and shapes as the model) before touching the model, so a bad checkpoint gives one
+``CheckpointError`` and changes nothing. Nothing is fully unpickled: safetensors files are parsed, DCP's index
+is JSON, and DCP's shards are read tensor by tensor with ``torch.load(weights_only=True)`` (torch's
+restricted unpickler) only after their sha256 matched ``state.json``.
 """
 
 from __future__ import annotations

@@ -749,8 +749,7 @@ def start_distributed(config: Config) -> tuple[torch.device, distributed.Distrib
     """This rank's device and place in a ``torchrun`` job (one process: the configured device, no group).
 
     Checks first what every rank would refuse alike (``ConfigError``, nothing joined or written): a
-    ``train.batch_size`` that does not split over the ranks, a ``train.device`` naming one GPU, neuron
-    omission under FSDP2."""
+    ``train.batch_size`` that does not split over the ranks, a ``train.device`` naming one GPU."""
     import torch.distributed as dist
 
     t = config.train
@@ -761,10 +760,6 @@ def start_distributed(config: Config) -> tuple[torch.device, distributed.Distrib
         if t.batch_size % world:
             raise ConfigError(f"train.batch_size={t.batch_size} is the global micro-batch and must split evenly over "
                               f"the {world} ranks; use a multiple of {world}")
-        if t.distributed == "fsdp2" and config.neurons.enabled:
-            # the omitter slices weights and protects optimizer rows of whole tensors, not of FSDP2 shards
-            raise ConfigError("neurons: neuron omission does not support train.distributed=fsdp2 yet; "
-                              "use train.distributed=ddp")
         try:
             name = distributed.rank_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
         except ValueError as err:

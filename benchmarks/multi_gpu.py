@@ -295,8 +295,8 @@ def start_profiler(run, args):
 
 
 def finish_profiler(prof, args, rank: int, world: int) -> list | None:
-    """Every rank's ``trace_summary`` (gathered on rank 0; None elsewhere); with ``--trace-dir`` each rank's
-    chrome trace as ``trace_rank<r>.json.gz``."""
+    """Every rank's ``trace_summary`` (gathered on rank 0; None elsewhere); with ``--trace-dir`` the chrome
+    traces of rank 0 and of the last rank as ``trace_rank<r>.json.gz`` (the rest would only fill the disk)."""
     import gzip
     import shutil
     import tempfile
@@ -312,7 +312,7 @@ def finish_profiler(prof, args, rank: int, world: int) -> list | None:
             with open(path, encoding="utf-8") as f:
                 trace = json.load(f)
             summary.update(trace_summary(trace.get("traceEvents", []), args.profile_steps))
-            if args.trace_dir:
+            if args.trace_dir and rank in (0, world - 1):
                 os.makedirs(args.trace_dir, exist_ok=True)
                 with open(path, "rb") as src, gzip.open(os.path.join(args.trace_dir, f"trace_rank{rank}.json.gz"),
                                                          "wb") as dst:

@@ -42,11 +42,7 @@
 # --smoke: the whole path on the CPU (gloo): N in "1 2", the tiny preset, 4 steps of 2x64 tokens per rank
 # (8 for the profiled runs), gradient check on 2 ranks in fp32 (~2-3 minutes on 2 cores).
 #
-# Issue 23's two device calls on an 8-GPU machine (see benchmarks/README.md, "Multi-GPU runs"):
-#   bash benchmarks/multi_gpu.sh "$OUT/a" --stages grad,profile,train --shapes tinyllama \
-#        --arms dense,tokens,tokens+neurons --time-budget-s 560
-#   bash benchmarks/multi_gpu.sh "$OUT/b" --stages train --shapes tinyllama,llama2-7b-8l \
-#        --arms dense_tuned,tokens_tuned,tokens+neurons_tuned --ngpus "1 8" --time-budget-s 560
+# Issue 23's device calls on an 8-GPU machine: see benchmarks/README.md, "Multi-GPU runs".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

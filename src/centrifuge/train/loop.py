@@ -8,6 +8,8 @@ directory as it was. ``execute_run`` then writes the run:
 
 SIGINT / SIGTERM during the loop finish the current step, save a checkpoint and return (exit code
 128 + signal number); a second signal interrupts at once (the atomic checkpoint writer leaves no debris).
+Under torchrun the ranks agree on the signal without a per-step sync (``SignalVote``), so they stop one
+step later: after the step following the one during which the signal came.
 
 Under ``torchrun --nproc-per-node N`` every rank runs this same code (``centrifuge.train.distributed``):
 each takes its share of every global micro-batch, the model is wrapped per ``train.distributed`` (DDP or
@@ -662,7 +664,8 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             ckpt.restore_rng(state)  # last: after model init and everything else that draws random numbers
         with stop:
             window_tokens, window_time, step_time = 0, 0.0, None
-            while step < t.steps and (stop_signal := _agreed_signal(stop.signum, run.dist)) is None:
+            vote = SignalVote(run.dist)
+            while step < t.steps and (stop_signal := vote.poll(stop.signum)) is None:
                 tic = time.perf_counter()
                 micro = [distributed.local_share(indexed_batch(run.data.train, run.sampler.take(t.batch_size)),
                                                  run.dist) for _ in range(t.grad_accum)]
@@ -688,7 +691,7 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
                 if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == t.steps:
                     saved_path = save(step)
             if stop_signal is None:  # a signal during the last step (every rank reaches this line)
-                stop_signal = _agreed_signal(stop.signum, run.dist)
+                stop_signal = vote.final(stop.signum)
             if stop_signal is not None:
                 saved_path = save(step, last=True)
                 name = signal.Signals(stop_signal).name
@@ -779,16 +782,59 @@ def _rank_zero_value(value: str, info: distributed.Distributed) -> str:
     return box[0]
 
 
-def _agreed_signal(signum: int | None, info: distributed.Distributed) -> int | None:
-    """The stop signal any rank has received (ranks see SIGINT / SIGTERM at different steps; all must stop
-    after the same one, or the next step's collectives would wait forever)."""
-    if not info.enabled:
-        return signum
-    import torch.distributed as dist
+class SignalVote:
+    """The ranks' agreement on a stop signal (SIGINT / SIGTERM reach ranks at different steps; all must stop
+    after the same step, or the next step's collectives would wait forever), without a blocking collective
+    or a host sync per step.
 
-    flag = torch.tensor([signum or 0], device=_collective_device(info))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
+    Each ``poll`` launches this rank's vote (its signal number, 0 for none) as an asynchronous MAX all-reduce
+    on a CPU (gloo) group of its own, and returns the outcome of the vote launched by the previous ``poll``,
+    long finished by then: no CUDA stream is waited for, and the vote never queues behind the step's NCCL
+    collectives. The price: a run stops one step later than with a vote read at once. ``final`` waits for
+    the last vote and takes a blocking one (every rank calls it once, after the loop). One process: ``poll``
+    returns the signal itself."""
+
+    def __init__(self, info: distributed.Distributed) -> None:
+        import torch.distributed as dist
+
+        self.enabled = info.enabled
+        self.group = dist.new_group(backend="gloo") if self.enabled else None  # collective: every rank, once
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def _launch(self, signum: int | None, *, wait: bool) -> int | None:
+        import torch.distributed as dist
+
+        vote = torch.tensor([signum or 0], dtype=torch.int64)
+        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group, async_op=not wait)
+        if wait:
+            return int(vote.item()) or None
+        self._pending = (work, vote)
+        return None
+
+    def _collect(self) -> int | None:
+        if self._pending is None:
+            return None
+        work, vote = self._pending
+        self._pending = None
+        work.wait()
+        return int(vote.item()) or None
+
+    def poll(self, signum: int | None) -> int | None:
+        """The signal agreed by the previous poll's vote (None at the first poll), after launching this one."""
+        if not self.enabled:
+            return signum
+        agreed = self._collect()
+        if agreed is None:
+            self._launch(signum, wait=False)
+        return agreed
+
+    def final(self, signum: int | None) -> int | None:
+        """The signal any rank has now (the outstanding vote included): a blocking vote."""
+        if not self.enabled:
+            return signum
+        earlier = self._collect()
+        now = self._launch(signum, wait=True)
+        return earlier or now
 
 
 def _collective_device(info: distributed.Distributed) -> torch.device:

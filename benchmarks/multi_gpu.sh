@@ -40,7 +40,7 @@
 # Exit status: 0, or 3 when a gradient check failed, 2 on bad arguments.
 #
 # --smoke: the whole path on the CPU (gloo): N in "1 2", the tiny preset, 4 steps of 2x64 tokens per rank
-# (8 for the profiled runs), gradient check on 2 ranks in fp32 (~2-3 minutes on 2 cores).
+# (8 for the profiled tokens arm), gradient check on 2 ranks in fp32 (~1-2 minutes on 2 cores).
 #
 # Issue 23's device calls on an 8-GPU machine: see benchmarks/README.md, "Multi-GPU runs".
 set -uo pipefail
@@ -90,6 +90,7 @@ if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu
   [ -z "$NGPUS" ] && NGPUS="1 2"
   SHAPES=tiny STEPS=4 LOG_EVERY=1 SEQ=64 BATCH=2 GRAD_SHAPE=tiny GRAD_SEQ=32 MIN_RUN=10 RUN_TIMEOUT=300 GRAD_TIMEOUT=300
+  PROFILE_ARMS=tokens
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
   AVAILABLE=2
 else

@@ -9,6 +9,7 @@ and chosen after it (current loss, batch-scope top-k, which needs the global bat
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from centrifuge.models.presets import build_model
 from centrifuge.tokens import selectors
 from centrifuge.tokens.training import TokenFilterLoss
 from centrifuge.train import distributed
+from centrifuge.train.loop import SignalVote
 from centrifuge.train.step import StepHooks, dense_loss, train_step
 
 CASES = ("dense", "keep_mask", "select", "neurons")  # neurons: keep_mask + neuron omission (optimizer protected)
@@ -113,6 +115,16 @@ class CollectiveLog:
         dist.all_reduce = self._original
 
 
+def signal_votes(rank: int, info: distributed.Distributed) -> dict:
+    """The loop's stop-signal vote (``SignalVote``): rank 1 has SIGTERM from its 3rd poll on, then a fresh
+    vote sees no signal for 3 polls, and its ``final`` sees rank 0's SIGINT."""
+    vote = SignalVote(info)
+    seen = [vote.poll(signal.SIGTERM if rank == 1 and i >= 2 else None) for i in range(4)]
+    again = SignalVote(info)
+    quiet = [again.poll(None) for _ in range(3)]
+    return {"seen": seen, "quiet": quiet, "last": again.final(signal.SIGINT if rank == 0 else None)}
+
+
 def _worker(rank: int, store: str, out: str, strategy: str, knobs: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
@@ -129,7 +141,8 @@ def _worker(rank: int, store: str, out: str, strategy: str, knobs: dict) -> None
             with CollectiveLog() as log:
                 results[case] = one_step(model, train_model, case, share, full, log.events)
             events[case] = log.events
-        torch.save({"results": results, "events": events}, f"{out}.{rank}")
+        votes = signal_votes(rank, info) if strategy == "ddp" else None
+        torch.save({"results": results, "events": events, "votes": votes}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -146,17 +159,20 @@ def single_process() -> dict[str, dict[str, torch.Tensor]]:
 
 # FSDP2's knobs for a short backward (train.fsdp_reshard_after_forward / fsdp_prefetch) change only when the
 # weights are all-gathered, never the gradients.
-KNOBS = {"default": {}, "keep_gathered+prefetch1": {"reshard_after_forward": False, "prefetch": 1},
-         "prefetch2": {"prefetch": 2}}
+KNOBS = {"default": {}, "keep_gathered+prefetch2": {"reshard_after_forward": False, "prefetch": 2}}
 
 
 @pytest.mark.parametrize(("strategy", "knobs"), [("ddp", "default"), ("fsdp2", "default"),
-                                                 ("fsdp2", "keep_gathered+prefetch1"), ("fsdp2", "prefetch2")])
+                                                 ("fsdp2", "keep_gathered+prefetch2")])
 def test_two_ranks_equal_one_process(strategy, knobs, single_process, tmp_path):
     out = str(tmp_path / "result")
     mp.spawn(_worker, args=(str(tmp_path / "store"), out, strategy, KNOBS[knobs]), nprocs=2, join=True)
     saved = [torch.load(f"{out}.{r}") for r in range(2)]
     ranks = [s["results"] for s in saved]
+    if strategy == "ddp":  # the stop-signal vote: asynchronous, read one poll later, the same on both ranks
+        for rank in saved:
+            assert rank["votes"]["seen"] == [None, None, None, signal.SIGTERM], rank["votes"]
+            assert rank["votes"]["quiet"] == [None, None, None] and rank["votes"]["last"] == signal.SIGINT
     for rank in saved:
         # The step's collectives of all_reduce: with token filtering the global kept count is known from the
         # global mask, so the one all-reduce of the step's sums is async and waited for only after the
@@ -188,3 +204,9 @@ def test_two_ranks_equal_one_process(strategy, knobs, single_process, tmp_path):
         fresh = tiny_model().state_dict()[down]
         assert torch.equal(ref["neurons"][f"weight/{down}"][:, zero_cols], fresh[:, zero_cols])
         assert not torch.equal(ref["neurons"][f"weight/{down}"], fresh)
+
+
+def test_one_process_signal_vote_returns_the_signal_at_once():
+    vote = SignalVote(distributed.Distributed())
+    assert vote.poll(None) is None and vote.poll(signal.SIGINT) == signal.SIGINT
+    assert vote.final(None) is None

@@ -1,7 +1,7 @@
 """`centrifuge train` under `torchrun --nproc-per-node 2` on the CPU (gloo): the run equals a one-process run of
-the same config, only rank 0 writes, a resumed FSDP2 run continues bit for bit, and its sharded checkpoint
-(torch.distributed.checkpoint) resumes on 1 and 3 processes as the uninterrupted run continues; a corrupt or
-missing shard is one clear error, and DCP's pickled index is never read."""
+the same config, only rank 0 writes, a resumed FSDP2 run continues bit for bit on 2 ranks, and its sharded
+checkpoint (torch.distributed.checkpoint) resumes on 1 and 3 processes as the uninterrupted run continues; a
+corrupt or missing shard is one clear error, and DCP's pickled index is never read."""
 
 from __future__ import annotations
 
@@ -45,43 +45,6 @@ def weights(run_dir: str, step: int = 4) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(run_dir, "checkpoints", f"step-{step:07d}", "model.safetensors"))
 
 
-def test_torchrun_equals_one_process_and_resumes_exactly(tmp_path, fast_overrides, cli, env):
-    one = str(tmp_path / "one")
-    done = cli("train", *sets(fast_overrides(*STEPS, out_dir=one)))
-    assert done.returncode == 0, done.stderr
-    reference = weights(one)
-
-    runs = {}
-    for strategy in ("ddp", "fsdp2"):
-        runs[strategy] = str(tmp_path / strategy)
-        done = torchrun(env, *sets(fast_overrides(*STEPS, f"train.distributed={strategy}", out_dir=runs[strategy])))
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.count("done: 4 steps") == 1  # rank 0 alone prints
-        assert f"distributed: 2 ranks ({strategy}), each takes 2 of the 4 sequences" in done.stdout
-        # the same global batches: the same token counts (a rank taking the whole batch would double them)
-        records, ref_records = train_records(runs[strategy]), train_records(one)
-        assert [r["step"] for r in records] == [1, 2, 3, 4]
-        for r, ref in zip(records, ref_records, strict=True):
-            assert (r["num_counted"], r["num_valid"]) == (ref["num_counted"], ref["num_valid"])
-            assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-        got = weights(runs[strategy])
-        assert got.keys() == reference.keys()
-        for name, ref in reference.items():  # float32: the ranks sum gradients in another order
-            torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=2e-6, msg=name)
-        assert not any(name.startswith("rank") for name in os.listdir(runs[strategy]))
-
-    # Resume the FSDP2 run from step 2 (its step-4 checkpoint removed): the same weights, bit for bit.
-    fsdp = runs["fsdp2"]
-    uninterrupted = weights(fsdp)
-    shutil.rmtree(os.path.join(fsdp, "checkpoints", "step-0000004"))
-    done = torchrun(env, "--resume", "--set", f"train.out_dir={fsdp}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from" in done.stdout and done.stdout.count("done: 4 steps") == 1
-    resumed = weights(fsdp)
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
-    assert any(not torch.equal(weights(fsdp, 2)[k], resumed[k]) for k in resumed)  # it did train on
-
-
 def sharded_files(ckpt: str) -> set[str]:
     return {n for n in os.listdir(ckpt) if n.endswith(".distcp") or n.startswith(("dcp_", ".metadata"))}
 
@@ -101,26 +64,51 @@ class PickleBomb:
         return (open, (self.path, "w"))
 
 
-def test_sharded_checkpoint_resumes_on_other_rank_counts(tmp_path, fast_overrides, cli, env):
-    """FSDP2 on 2 ranks writes sharded checkpoints (each rank its shards, no gather of the optimizer); stopped
-    at step 2, the run continues on 1 and on 3 processes with the losses and weights of the uninterrupted
-    run (fp32: the ranks sum in another order) and the same data order (equal token counts per step)."""
-    items = [*STEPS, "train.distributed=fsdp2", "train.batch_size=6"]  # 6 sequences split over 1, 2 and 3 ranks
-    whole = str(tmp_path / "whole")
-    done = torchrun(env, *sets(fast_overrides(*items, out_dir=whole)))
-    assert done.returncode == 0, done.stderr[-3000:]
-    step2 = os.path.join(whole, "checkpoints", "step-0000002")
+def test_torchrun_equals_one_process_and_resumes_exactly(tmp_path, fast_overrides, cli, env):
+    """DDP and FSDP2 on 2 ranks end where one process ends. FSDP2 writes sharded checkpoints (each rank its
+    shards, no gather of the optimizer); stopped at step 2, the run continues on 2 ranks bit for bit, and on
+    1 and on 3 processes with the losses and weights of the uninterrupted run (fp32: the ranks sum in
+    another order) and the same data order (equal token counts per step)."""
+    items = [*STEPS, "train.batch_size=6"]  # 6 sequences split over 1, 2 and 3 ranks
+    one = str(tmp_path / "one")
+    done = cli("train", *sets(fast_overrides(*items, out_dir=one)))
+    assert done.returncode == 0, done.stderr
+    reference = weights(one)
+
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        runs[strategy] = str(tmp_path / strategy)
+        done = torchrun(env, *sets(fast_overrides(*items, f"train.distributed={strategy}", out_dir=runs[strategy])))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("done: 4 steps") == 1  # rank 0 alone prints
+        assert f"distributed: 2 ranks ({strategy}), each takes 3 of the 6 sequences" in done.stdout
+        # the same global batches: the same token counts (a rank taking the whole batch would double them)
+        records, ref_records = train_records(runs[strategy]), train_records(one)
+        assert [r["step"] for r in records] == [1, 2, 3, 4]
+        for r, ref in zip(records, ref_records, strict=True):
+            assert (r["num_counted"], r["num_valid"]) == (ref["num_counted"], ref["num_valid"])
+            assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        got = weights(runs[strategy])
+        assert got.keys() == reference.keys()
+        for name, ref in reference.items():  # float32: the ranks sum gradients in another order
+            torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=2e-6, msg=name)
+        assert not any(name.startswith("rank") for name in os.listdir(runs[strategy]))
+
+    fsdp = runs["fsdp2"]
+    step2 = os.path.join(fsdp, "checkpoints", "step-0000002")
     with open(os.path.join(step2, "state.json")) as f:
         state = json.load(f)
     assert (state["layout"], state["world_size"]) == ("sharded", 2)
     assert sharded_files(step2) == {"__0_0.distcp", "__1_0.distcp", "dcp_metadata.json"}  # no pickled .metadata
     assert sharded_files(step2) <= set(state["files"]) and "optimizer.safetensors" not in state["files"]
     assert "model.safetensors" in state["files"]  # checkpoint.full_weights=every: loadable by from_pretrained
-    reference = train_records(whole)
 
+    # Resume the FSDP2 run from step 2 (its step-4 checkpoint removed) on 1 and on 3 processes.
+    reference_records = train_records(fsdp)
+    uninterrupted = weights(fsdp)
     for nproc in (1, 3):
         run = str(tmp_path / f"resumed-{nproc}")
-        shutil.copytree(whole, run)
+        shutil.copytree(fsdp, run)
         shutil.rmtree(os.path.join(run, "checkpoints", "step-0000004"))
         if nproc == 1:
             # A pickled `.metadata` planted next to the shards is never unpickled: the index is dcp_metadata.json.
@@ -135,14 +123,22 @@ def test_sharded_checkpoint_resumes_on_other_rank_counts(tmp_path, fast_override
         assert "resuming from" in done.stdout and done.stdout.count("done: 4 steps") == 1
         records = train_records(run)
         assert [r["step"] for r in records] == [1, 2, 3, 4]
-        for r, ref in zip(records, reference, strict=True):
+        for r, ref in zip(records, reference_records, strict=True):
             assert (r["num_counted"], r["num_valid"]) == (ref["num_counted"], ref["num_valid"]), nproc
             assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), (nproc, r["step"])
-        got, want = weights(run), weights(whole)
-        assert got.keys() == want.keys()
-        for name, ref in want.items():
+        got = weights(run)
+        for name, ref in uninterrupted.items():
             torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=2e-6, msg=name)
         assert any(not torch.equal(weights(run, 2)[k], got[k]) for k in got)  # it did train on
+
+    # ... and on 2 ranks: the same weights, bit for bit.
+    shutil.rmtree(os.path.join(fsdp, "checkpoints", "step-0000004"))
+    done = torchrun(env, "--resume", "--set", f"train.out_dir={fsdp}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout and done.stdout.count("done: 4 steps") == 1
+    resumed = weights(fsdp)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert any(not torch.equal(weights(fsdp, 2)[k], resumed[k]) for k in resumed)  # it did train on
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experiments.time_to_quality.corpus import SourceCorpusSettings
-from experiments.utility.profiles import Profile, arm_overrides
+from experiments.utility.profiles import Profile, _excess, arm_overrides
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ class TimeProfile(Profile):
     nextline_new_tokens: int = 48
     nextline_context_tokens: int = 384
     arm_extra: tuple[str, ...] = ()  # overrides for every arm
-    # Overrides for the dense arm only: the hook for the strongest dense path (e.g. Liger's fused kernels once
-    # `centrifuge train` has a switch for them); its calibrated step time, hence its step count, follows.
+    # Overrides for the dense arm only: the strongest dense path (the GPU profiles: Liger-Kernel's fused kernels,
+    # `model.liger`, which the bench measured as the fastest dense step); its calibrated step time, hence its
+    # step count, follows.
     dense_extra: tuple[str, ...] = ()
 
     def reference_overrides(self) -> list[str]:
@@ -57,14 +58,28 @@ ARMS: tuple[str, ...] = (
     "tokens_neurons",  # excess-loss tokens + LORS
     "neurons_lors_eqsteps",  # LORS with dense's step count (the "within 1% at equal steps" check)
 )
+# Recipes to try when excess-loss selection trails dense (issue 21, point 4: keep-ratio schedules that end
+# dense, another κ, per-sequence top-k). Not part of "--arms all"; run them by name (--arms / --runs).
+TOKEN_LADDER = {"hold_fraction": 0.5, "rungs": 4, "end": 1.0}  # κ held for half the run, 4 rungs up to dense
+RECIPES: dict[str, list[str]] = {
+    "centrifuge_k0.7": _excess(0.7, "fast"),
+    "centrifuge_seq_k0.5": [*(o for o in _excess(0.5, "fast") if not o.startswith("tokens.scope=")),
+                            "tokens.scope=sequence"],
+    "centrifuge_k0.5_to_dense": [*_excess(0.5, "fast"), "tokens.schedule=ladder",
+                                 "tokens.schedule_params={{" + ", ".join(f"{k}: {v}" for k, v in TOKEN_LADDER.items())
+                                 + "}}"],  # {{ }}: the runner's str.format fills {scores} / {seed}
+}  # fmt: skip
+RUNNABLE: tuple[str, ...] = (*ARMS, *RECIPES)
 HEADLINE = ("dense", "centrifuge_k0.5")  # the pair run with two seeds
 EQUAL_STEPS = {"neurons_lors_eqsteps": ("neurons_lors", "dense")}  # arm -> (overrides of, steps of)
 
 
 def ttq_arm_overrides(arm: str, profile: TimeProfile) -> list[str]:
     """The arm's ``tokens`` / ``neurons`` overrides (``{scores}`` / ``{seed}`` filled in by the runner)."""
+    if arm in RECIPES:
+        return [*RECIPES[arm], *profile.arm_extra]
     if arm not in ARMS:
-        raise KeyError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+        raise KeyError(f"unknown arm {arm!r}; arms: {', '.join(RUNNABLE)}")
     base = EQUAL_STEPS.get(arm, (arm, arm))[0]
     return [*arm_overrides(base, profile), *profile.arm_extra, *(profile.dense_extra if arm == "dense" else ())]
 
@@ -85,6 +100,7 @@ PROFILES: dict[str, TimeProfile] = {
         eval_max_batches=16, reference_steps=1500, score_batch=64, neuron_multiple=128,
         corpus=SourceCorpusSettings(max_mb=160, eval_max_chars=1_500_000, nextline_prompts=256),
         budget_s=80.0, calibration_steps=15, min_steps=50, eval_points=16, tokenizer_max_chars=40_000_000,
+        dense_extra=("model.liger=true",),
     ),  # fmt: skip
     # Fallback if `gpu`'s token-sparse step is not below 0.7x dense (the report's shape condition): TinyLlama's
     # width (2048 / 5632, 32 heads / 4 KV), where the bench measured the token-sparse step at 0.53x of eager HF
@@ -99,6 +115,7 @@ PROFILES: dict[str, TimeProfile] = {
         eval_max_batches=16, reference_steps=1500, score_batch=64, neuron_multiple=128,
         corpus=SourceCorpusSettings(max_mb=160, eval_max_chars=1_500_000, nextline_prompts=256),
         budget_s=80.0, calibration_steps=15, min_steps=30, eval_points=16, tokenizer_max_chars=40_000_000,
+        dense_extra=("model.liger=true",),
     ),  # fmt: skip
     # The whole pipeline on a CPU in seconds (tests/experiments/test_ttq_pipeline.py): ~30k parameters,
     # 0.3 MB of standard-library files (held-out code for the next-line prompts, whatever the Python version);

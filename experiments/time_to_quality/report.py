@@ -22,7 +22,7 @@ from collections import defaultdict
 from typing import Any
 
 from experiments.time_to_quality import verdicts
-from experiments.time_to_quality.profiles import ARMS
+from experiments.time_to_quality.profiles import RUNNABLE
 from experiments.utility.report import load_results, mean_curve, report_args, run_meta, write_csv, write_markdown
 
 COLUMNS = ("arm", "seeds", "steps", "train_seconds", "median_step_ms", "tokens_per_s", "final_loss_mean",
@@ -35,7 +35,7 @@ def group(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         runs[r["arm"]].append(r)
-    order = {arm: i for i, arm in enumerate(ARMS)}
+    order = {arm: i for i, arm in enumerate(RUNNABLE)}
     return dict(sorted(runs.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 

@@ -22,7 +22,7 @@ import sys
 import tarfile
 import time
 
-from experiments.time_to_quality.profiles import ARMS, HEADLINE, PROFILES
+from experiments.time_to_quality.profiles import ARMS, HEADLINE, PROFILES, RECIPES, RUNNABLE
 from experiments.utility.run import _list
 
 
@@ -30,10 +30,15 @@ def _runs(value: str) -> list[tuple[str, int]]:
     out = []
     for item in _list(value):
         arm, _, seed = item.partition(":")
-        if arm not in ARMS or not seed.isdigit():
-            raise argparse.ArgumentTypeError(f"--runs wants ARM:SEED items with ARM one of {', '.join(ARMS)}")
+        if arm not in RUNNABLE or not seed.isdigit():
+            raise argparse.ArgumentTypeError(f"--runs wants ARM:SEED items with ARM one of {', '.join(RUNNABLE)}")
         out.append((arm, int(seed)))
     return out
+
+
+def _arms(value: str) -> list[str]:
+    """"all" = the issue's arms; the recipes (``profiles.RECIPES``) only by name."""
+    return list(ARMS) if value.strip() == "all" else _list(value, RUNNABLE)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,13 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu-toy")
     p.add_argument("--out", required=True, metavar="DIR", help="study directory (created; reused when it exists)")
-    p.add_argument("--arms", type=lambda v: _list(v, ARMS), default=[],
-                   help=f"comma-separated subset of: {', '.join(ARMS)}, or all (default: none, prepare only)")
+    p.add_argument("--arms", type=_arms, default=[],
+                   help=f"comma-separated subset of: {', '.join(ARMS)}, or all (default: none, prepare only); "
+                        f"recipes to try, by name: {', '.join(RECIPES)}")
     p.add_argument("--seeds", type=lambda v: [int(s) for s in _list(v)], default=None,
                    help=f"comma-separated seeds (default: 0,1 for {' and '.join(HEADLINE)}, 0 for the others)")
     p.add_argument("--runs", type=_runs, default=[], metavar="ARM:SEED,...",
                    help="explicit runs, e.g. dense:1,centrifuge_k0.5:1,random_k0.5:0 (after those of --arms)")
-    p.add_argument("--calibrate", type=lambda v: _list(v, ARMS), default=[], metavar="ARMS",
+    p.add_argument("--calibrate", type=_arms, default=[], metavar="ARMS",
                    help="calibrate these arms first (step time, step count; no training) and print their step "
                         "time against dense's: the shape condition known before the arms are run")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm, step_s in times.items():
             print(f"calibrated {arm}: {1000 * step_s:.1f} ms a step = {step_s / times['dense']:.3f}x dense", flush=True)
     failed, skipped, longest = [], [], 0.0
-    default_seeds = {arm: [0, 1] if arm in HEADLINE else [0] for arm in ARMS}
+    default_seeds = {arm: [0, 1] if arm in HEADLINE else [0] for arm in RUNNABLE}
     todo = [(arm, seed) for arm in args.arms for seed in (args.seeds if args.seeds is not None else default_seeds[arm])]
     for arm, seed in todo + [r for r in args.runs if r not in todo]:
         expected = 1.2 * longest if longest else 1.5 * profile.budget_s + 30  # before any run: the budget's share

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from experiments.time_to_quality.corpus import write as write_corpus
-from experiments.time_to_quality.profiles import EQUAL_STEPS, TimeProfile, ttq_arm_overrides
+from experiments.time_to_quality.profiles import EQUAL_STEPS, TOKEN_LADDER, TimeProfile, ttq_arm_overrides
 from experiments.utility import study as utility
 from experiments.utility.corpus import read_texts
 from experiments.utility.curves import read_records, run_numbers
@@ -215,22 +215,31 @@ def time_steps(config, steps: int) -> dict[str, Any]:
     The steps are the loop's own (``prepare_run``'s model, optimizer, plug-ins and data; ``train_step``);
     ``train_step`` reads the loss back, so CUDA work is inside each time. The first step (compilation,
     autotuning) is left out of the median."""
+    from centrifuge.models.liger import modeling_names_restored
     from centrifuge.train.loop import indexed_batch, prepare_run
     from centrifuge.train.step import train_step
 
-    run = prepare_run(config)
-    ctx, t = run.context, config.train
-    seconds = []
-    for step in range(1, steps + 1):
-        tic = time.perf_counter()
-        batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
-        train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
-                   loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
-                   hooks=ctx.hooks)  # fmt: skip
-        seconds.append(time.perf_counter() - tic)
-    del run
+    with modeling_names_restored():  # a dense arm's Liger patch (model.liger) must not reach the next model
+        run = prepare_run(config)
+        ctx, t = run.context, config.train
+        seconds = []
+        for step in range(1, steps + 1):
+            tic = time.perf_counter()
+            batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
+            train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
+                       loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
+                       hooks=ctx.hooks)  # fmt: skip
+            seconds.append(time.perf_counter() - tic)
+        del run
     utility._free_memory()
     return {"median_s": statistics.median(seconds[1:] or seconds), "seconds": seconds}
+
+
+def _token_ladder_mean(start: float) -> float:
+    """Mean keep ratio of ``profiles.TOKEN_LADDER`` from ``start`` (κ held, then rungs up to 1)."""
+    from centrifuge.schedules import average, make_schedule
+
+    return average(make_schedule("ladder", start=start, **TOKEN_LADDER), 1000)
 
 
 def _ladder_mean_rate() -> float:
@@ -264,9 +273,14 @@ def calibrate(
     p = _paths(out)
     sets = ttq_arm_overrides(arm, profile)
     lors = any(s.startswith("neurons.schedule=ladder") for s in sets)
+    token_ladder = any(s.startswith("tokens.schedule=ladder") for s in sets)
     probes = {"arm": [*sets, "neurons.schedule=constant"] if lors else sets}
     if lors:
         probes["no_omission"] = [s for s in sets if not s.startswith("neurons.")]
+    if token_ladder:  # timed at its start κ (constant) and at κ = 1 (dense), interpolated in κ below
+        base = [s for s in sets if not s.startswith(("tokens.schedule=", "tokens.schedule_params="))]
+        probes["arm"] = base
+        probes["dense_tokens"] = [s for s in base if not s.startswith("tokens.keep_ratio=")] + ["tokens.keep_ratio=1.0"]
     measured = {}
     for name, probe in probes.items():
         extra = [o.format(scores=p["scores"], seed=0) for o in probe]
@@ -278,9 +292,16 @@ def calibrate(
     if lors:
         t0, mean_rate = measured["no_omission"]["median_s"], _ladder_mean_rate()
         step_s = t0 + (step_s - t0) * mean_rate / LADDER["start"]
+    mean_keep = None
+    if token_ladder:  # step time linear in κ between the start κ and dense: t = t_k + (t_1 - t_k)(κ̄ - k)/(1 - k)
+        start = next(float(s.split("=", 1)[1]) for s in sets if s.startswith("tokens.keep_ratio="))
+        mean_keep = _token_ladder_mean(start)
+        t1 = measured["dense_tokens"]["median_s"]
+        step_s = step_s + (t1 - step_s) * (mean_keep - start) / (1.0 - start)
     steps = int(min(profile.max_steps, max(profile.min_steps, math.floor(profile.budget_s / step_s))))
     cal = {"arm": arm, "device": device_name, "budget_s": profile.budget_s, "step_s": step_s, "steps": steps,
-           "probes": measured, "ladder_mean_rate": _ladder_mean_rate() if lors else None}  # fmt: skip
+           "probes": measured, "ladder_mean_rate": _ladder_mean_rate() if lors else None,
+           "mean_keep_ratio": mean_keep}  # fmt: skip
     os.makedirs(os.path.dirname(path), exist_ok=True)
     utility._write_json(path, cal)
     say(f"calibration {arm}: {1000 * step_s:.1f} ms a step -> {steps} steps for {profile.budget_s:g} s")
@@ -343,6 +364,16 @@ def run_arm(
     budget and the next-line exact match to ``result.json``. Returns the result (None on failure)."""
     if os.path.isfile(os.path.join(utility.run_dir_of(out, arm, seed), utility.RESULT)) and not force:
         return utility.run_arm(out, profile, arm, seed, device=device, prepared=prepared, say=say)
+    from centrifuge.models.liger import modeling_names_restored
+
+    with modeling_names_restored():  # the dense arm's Liger patch (model.liger) must not reach the next arm
+        return _calibrate_and_train(out, profile, arm, seed, device=device, prepared=prepared, force=force, say=say)
+
+
+def _calibrate_and_train(
+    out: str, profile: TimeProfile, arm: str, seed: int, *, device: str, prepared: dict[str, Any],
+    force: bool, say: Callable[[str], None],
+) -> dict[str, Any] | None:  # fmt: skip
     cal = calibrate(out, profile, arm, device=device, say=say)
     p = _paths(out)
     overrides = [*ttq_arm_overrides(arm, profile), *schedule_overrides(profile, cal["steps"]),

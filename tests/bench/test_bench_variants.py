@@ -216,3 +216,22 @@ def test_omission_and_cuda_only_variants():
     model = build_group_model(Group("tiny", None, 2, 16), parse_variant("dense"), omit=0.5, device=CPU,
                               dtype=torch.float32, seed=0)
     assert neurons.omitter_of(model) is None
+
+
+def test_mixed_precision_runs_forwards_under_autocast_with_fp32_weights(monkeypatch):
+    """--dtype amp-bf16: fp32 weights (and optimizer state) and every forward under bf16 autocast, as
+    `centrifuge train` trains; the pure-bf16 bench could not see a path slow only under autocast."""
+    seen = []
+    real_build = harness.build_group_model
+
+    def build(*args, **kw):
+        model = real_build(*args, **kw)
+        model.lm_head.register_forward_hook(lambda m, i, o: seen.append((m.weight.dtype, o.dtype)))
+        return model
+
+    monkeypatch.setattr(harness, "build_group_model", build)
+    rows = run_bench(_opts("dense,loss_only", dtype="amp-bf16"), say=lambda _: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and {r["dtype"] for r in rows} == {"amp-bf16"}
+    assert seen and set(seen) == {(torch.float32, torch.bfloat16)}
+    assert harness.precision("amp-bf16") == (torch.float32, torch.bfloat16)
+    assert harness.precision("bf16") == (torch.bfloat16, None)

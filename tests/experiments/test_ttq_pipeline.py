@@ -114,3 +114,23 @@ def test_next_call_takes_the_exported_reference(study: Path, tmp_path: Path):
     assert second["reference_carried_from"] == str(carry)
     assert second["corpus_fingerprint"] == first["corpus_fingerprint"]
     assert second["scores_fingerprint"] == first["scores_fingerprint"]  # the same reference scores
+
+
+def test_a_recipe_arm_with_a_keep_ratio_ladder_to_dense(study: Path):
+    """The recipes (issue 21, point 4) run by name only; a κ ladder that ends dense is calibrated at its start
+    κ and at κ = 1 and interpolated at its mean κ, and the run's keep ratio follows the ladder."""
+    from experiments.time_to_quality.profiles import RECIPES
+
+    assert not set(RECIPES) & set(run.parse_args(["--out", "x", "--arms", "all"]).arms)
+    assert run.parse_args(["--out", "x", "--arms", "centrifuge_k0.7"]).arms == ["centrifuge_k0.7"]
+    code = run.main(["--profile", "cpu-toy", "--out", str(study), "--device", "cpu",
+                     "--runs", "centrifuge_k0.5_to_dense:0"])  # fmt: skip
+    assert code == 0
+    cal = _json(study / "calibration" / "centrifuge_k0.5_to_dense.json")
+    assert set(cal["probes"]) == {"arm", "dense_tokens"} and cal["mean_keep_ratio"] == pytest.approx(0.65625, abs=1e-3)
+    t_start, t_dense = cal["probes"]["arm"]["median_s"], cal["probes"]["dense_tokens"]["median_s"]
+    assert min(t_start, t_dense) <= cal["step_s"] <= max(t_start, t_dense)
+    r = _json(study / "runs" / "centrifuge_k0.5_to_dense" / "seed0" / "result.json")
+    assert r["steps"] == cal["steps"] and "tokens.schedule=ladder" in r["overrides"]
+    config = (study / "runs" / "centrifuge_k0.5_to_dense" / "seed0" / "config.yaml").read_text()
+    assert "schedule: ladder" in config and "end: 1.0" in config

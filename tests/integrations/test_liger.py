@@ -186,3 +186,21 @@ def test_liger_class_patch_after_apply(restore_llama_module):
     assert modeling_llama.LlamaForCausalLM.forward.__module__.startswith("liger_kernel")
     assert centrifuge.patch_mode(model) == "fast"
     assert max_rel_err(_grads(model, ids, keep), want) < 1e-12
+
+
+def test_modeling_names_restored_undoes_the_class_wide_part_of_the_instance_patch():
+    """A study runs arms one after another in one process: the dense arm's Liger patch (model.liger) rebinds
+    modeling_llama's names; ``modeling_names_restored`` puts them back so the next model is built plain."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from transformers.models.llama import modeling_llama
+
+    from centrifuge.models.liger import modeling_names_restored
+
+    plain = {name: getattr(modeling_llama, name) for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb")}
+    with modeling_names_restored():
+        model = _hf_model()
+        _apply_liger_kernel_to_instance(model=model)
+        assert liger_patches(model)
+        assert any(getattr(modeling_llama, name) is not value for name, value in plain.items())
+    assert all(getattr(modeling_llama, name) is value for name, value in plain.items())
+    assert not liger_patches(_hf_model())  # a model built afterwards is unpatched

@@ -168,6 +168,36 @@ def test_bf16_autocast_with_fp32_weights(gen):
     assert max_rel_err(grads["fast"], grads["reference"]) < 6e-2
 
 
+@pytest.mark.parametrize("select", [False, True], ids=["keep_mask", "select"])
+def test_lm_head_runs_in_the_autocast_dtype(gen, monkeypatch, select):
+    """Under autocast the kept rows' LM head + CE gets bf16 operands, as autocast's lm_head linear does in the
+    dense model: its backward runs outside autocast, and with fp32 master weights its GEMMs would otherwise run
+    in fp32 (measured on an H200: ~30% of a token-sparse step). Scores for ``select`` likewise."""
+    import centrifuge.ops.cross_entropy as ce
+
+    seen = []
+    real = ce._ChunkedLinearCrossEntropy.apply
+
+    def spy(hidden, weight, *rest):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *rest)
+
+    monkeypatch.setattr(ce._ChunkedLinearCrossEntropy, "apply", spy)
+    model = tiny_model("llama", dtype=torch.float32)
+    ids, keep = random_batch(gen, B=2, T=21)
+    kwargs = {"select": lambda *, scores, valid: keep & valid} if select else {"keep_mask": keep}
+    centrifuge.apply(model)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids, **kwargs)
+        out.loss.backward()
+    finally:
+        centrifuge.revert(model)
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)
+    assert len(seen) == (2 if select else 1)  # scores of every row, then the kept rows' loss
+    assert model.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(model.lm_head.weight.grad).all()
+
+
 def test_loss_normalized_by_global_count_across_accumulation(gen):
     """Two micro-batches with num_items_in_batch = the global kept count give one big batch's gradient."""
     model = tiny_model("llama")

@@ -78,6 +78,7 @@ def sets(items) -> list[str]:
         (["model.overrides={num_hidden_layers: 0}"], "model.overrides: num_hidden_layers must be a positive"),
         (["model.overrides={hidden_size: 65}"], "model.overrides: "),
         (["tokens.attention=triton"], "tokens.attention='triton' needs a CUDA device"),
+        (["model.liger=true"], "model.liger: Liger-Kernel's kernels run on CUDA only"),
         (["model.attn_implementation=kernels-community/flash-attn"], "Hub kernels ('org/repo') run downloaded"),
         (["tokens.reference_scores=scores"], "tokens.reference_scores is set but tokens.selector='random'"),
         (["tokens.selector=threshold", "tokens.reference_model=tiny"], "tokens.selector_params={tau:"),

@@ -174,3 +174,40 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == 1.0 and factors[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+
+
+def test_fused_dense_loss_is_dense_loss_sum_and_gradient():
+    """``model.liger``'s loss goes through the model's own loss with ``num_items_in_batch=1``: on an unpatched
+    model (HF's loss, the CPU stand-in for Liger's fused one) it is the same SUM and gradient as dense_loss."""
+    from centrifuge.train.step import fused_dense_loss
+
+    data = batch(seed=3)
+    grads = []
+    for fn in (dense_loss, fused_dense_loss):
+        model = tiny_model()
+        micro = fn(model, data)
+        micro.loss_sum.backward()
+        grads.append([p.grad for p in model.parameters()])
+        assert int(micro.num_counted) == int((data["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if fn is dense_loss:
+            expected = micro.loss_sum.detach()
+        else:
+            torch.testing.assert_close(micro.loss_sum.detach(), expected.float(), rtol=1e-5, atol=1e-5)
+    for g_dense, g_fused in zip(*grads, strict=True):  # HF's loss casts float64 logits to float32: fp32 tolerances
+        torch.testing.assert_close(g_fused, g_dense, rtol=1e-4, atol=1e-6)
+
+
+def test_liger_refuses_neuron_omission(monkeypatch):
+    """model.liger with omission: one error naming both keys (checked before anything is built)."""
+    from centrifuge.train.config import load_config
+    from centrifuge.train.errors import ConfigError
+    from centrifuge.train.loop import check_liger
+
+    monkeypatch.setattr("centrifuge.models.liger.liger_available", lambda: None)
+    config = load_config(None, ["model.liger=true", "neurons.rate=0.5"])
+    with pytest.raises(ConfigError, match=r"model.liger: neuron omission .* neurons.rate=0 or model.liger=false"):
+        check_liger(config, torch.device("cuda"))
+    check_liger(load_config(None, ["model.liger=true"]), torch.device("cuda"))  # alone: accepted
+    monkeypatch.setattr("centrifuge.models.liger.liger_available", lambda: "liger-kernel is not importable (x)")
+    with pytest.raises(ConfigError, match="model.liger: liger-kernel is not importable"):
+        check_liger(load_config(None, ["model.liger=true"]), torch.device("cuda"))

@@ -11,6 +11,7 @@ per shape and reused by every variant of that shape.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -35,6 +36,16 @@ BENCH_LAYERS: dict[str, int] = {"llama2-7b": 8, "gemma3-4b": 8, "qwen3-moe-30b-a
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+# Mixed precision: fp32 weights (and optimizer), forwards under bf16 autocast — what `centrifuge train` and
+# Trainer(bf16=True) run. The pure-bf16 bench could not see a path that is slow only under autocast.
+AUTOCAST = {"amp-bf16": torch.bfloat16}
+
+
+def precision(name: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, autocast dtype or None) of a ``--dtype`` name."""
+    if name in AUTOCAST:
+        return torch.float32, AUTOCAST[name]
+    return DTYPES[name], None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +234,24 @@ def _gib(x: int | None) -> float | None:
 
 
 def time_steps(variant: Variant, run: Run, optimizer: torch.optim.Optimizer, *, reps: int, warmup: int,
-               clock: Clock, memory: Memory) -> dict[str, Any]:
-    """Run ``warmup + reps`` steps; per-piece times (ms) and memory of the measured ones."""
+               clock: Clock, memory: Memory, autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """Run ``warmup + reps`` steps; per-piece times (ms) and memory of the measured ones. ``autocast``: the
+    forwards run under ``torch.autocast`` of that dtype (the backward outside it, as in training)."""
     pieces: dict[str, list[float]] = {"fwd": [], "bwd": [], "opt": [], "step": []}
     before_b, peak_b, peak_full_b = [], [], []
     loss_value = float("nan")
+    device_type = clock.device.type
+
+    def autocasting() -> contextlib.AbstractContextManager:
+        return torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+
     for i in range(warmup + reps):
         optimizer.zero_grad(set_to_none=True)
         memory.reset_peak()
         before = memory.allocated()
         t0 = clock.mark()
-        loss = variant.forward(run)
+        with autocasting():
+            loss = variant.forward(run)
         t_fwd = t_bwd = clock.mark()
         peak_fwd = None
         if variant.separate_backward_graph:  # untimed: drop the forward's graph, build the backward's
@@ -241,7 +259,8 @@ def time_steps(variant: Variant, run: Run, optimizer: torch.optim.Optimizer, *, 
             peak_fwd = memory.peak()
             memory.reset_peak()
             before = memory.allocated()
-            loss = variant.backward_graph(run)
+            with autocasting():
+                loss = variant.backward_graph(run)
             t_bwd = clock.mark()
         variant.backward(run, loss)
         t2 = clock.mark()
@@ -285,7 +304,7 @@ def measure(spec: VariantSpec, run: Run, *, opts: BenchOptions, device: torch.de
         optimizer, opt_kind = make_optimizer(run.model, lr=opts.lr)
         variant.setup_optimizer(run, optimizer)
         out = time_steps(variant, run, optimizer, reps=opts.reps, warmup=opts.warmup, clock=clock,
-                         memory=memory)
+                         memory=memory, autocast=precision(opts.dtype)[1])
         out["optimizer"] = opt_kind
         del optimizer
         work = variant.work(run)
@@ -337,7 +356,7 @@ def run_bench(opts: BenchOptions, *, on_row: Callable[[list[dict[str, Any]]], No
     """Run every group × variant × keep; returns result rows (report order). ``on_row(rows)`` is called
     after each measurement (to save partial results)."""
     device = torch.device(opts.device)
-    dtype = DTYPES[opts.dtype]
+    dtype = precision(opts.dtype)[0]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     started = time.perf_counter()
     entries: list[tuple[tuple[int, int, float], dict[str, Any]]] = []  # (report order, row)

@@ -54,8 +54,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="warm-up repetitions (default 3)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None,
                    help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="weight dtype (default bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "amp-bf16"], default=None,
+                   help="weight dtype (default bf16 on CUDA, fp32 on CPU); amp-bf16 = fp32 weights with the forwards "
+                        "under bf16 autocast (mixed precision, as centrifuge train and Trainer(bf16=True) run)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: from the device name, 989 for H100/H200)")
     p.add_argument("--seed", type=int, default=0)

@@ -22,8 +22,11 @@ attributes restored), which Liger itself cannot; ``centrifuge bench``'s ``dense_
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch.nn as nn
@@ -105,3 +108,26 @@ class LigerDense:
 
 
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def modeling_names_restored() -> Iterator[None]:
+    """Restore every loaded ``transformers.models.*`` module's names on exit.
+
+    Liger's instance patch (``model.liger`` in ``centrifuge train``) also rebinds names in the family's
+    modeling module (``LlamaRMSNorm``, ``apply_rotary_pos_emb``, ...), class-wide for the process; a process
+    that runs several trainings one after another (a study's arms) wraps each in this so that the next model
+    is built, and its RoPE looked up, unpatched."""
+    modules = {name: module for name, module in list(sys.modules.items())
+               if name.startswith("transformers.models.") and module is not None}
+    before = {name: dict(vars(module)) for name, module in modules.items()}
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            now = vars(module)
+            for key in [k for k in now if k not in before[name]]:
+                delattr(module, key)
+            for key, value in before[name].items():
+                if now.get(key, _MISSING) is not value:
+                    setattr(module, key, value)

@@ -89,47 +89,51 @@ class TokenFilterOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.lm_head
-    return head.weight, head.bias
+def _head_operands(model: nn.Module, spec: ArchSpec, normed: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """(rows [R, d], weight [V, d], bias [V] or None, final-logit soft-cap or None) for the LM head + CE.
 
-
-def _head_input(model: nn.Module, spec: ArchSpec, normed: torch.Tensor) -> tuple[torch.Tensor, float | None]:
-    """(rows to multiply by the LM head, final-logit soft-cap or None). A logit divisor (Granite's
-    ``logits_scaling``: logits / s) is applied to the rows instead of the logits — the same product, and the
-    fused / chunked losses stay plain linear + CE."""
+    A logit divisor (Granite's ``logits_scaling``: logits / s) is applied to the rows instead of the logits —
+    the same product, and the fused / chunked losses stay plain linear + CE. Under autocast the operands are
+    cast to the autocast dtype, as autocast's ``lm_head`` linear computes in the dense model: the losses are
+    autograd Functions whose backward runs outside autocast, so without the cast its GEMMs (3 per chunk of
+    rows) would run in fp32 with fp32 master weights (measured: ~32 ms of a 107 ms step on an H200)."""
     divisor = spec.scalar(model.config, spec.logits_divisor)
     if divisor is not None and divisor != 1:
         normed = normed / divisor
-    return normed, spec.scalar(model.config, spec.final_softcap)
+    weight, bias = model.lm_head.weight, model.lm_head.bias
+    if torch.is_autocast_enabled(normed.device.type):
+        dtype = torch.get_autocast_dtype(normed.device.type)
+        normed, weight = normed.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return normed, weight, bias, spec.scalar(model.config, spec.final_softcap)
 
 
 def _score_rows(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row CE [R] (fp32), no gradient, of rows already through the final norm (fused on CUDA if liger
     is installed, chunked otherwise)."""
-    weight, bias = _lm_head(model)
-    rows, softcap = _head_input(model, spec, normed)
-    return token_loss_no_grad(rows, weight, targets, bias, softcap=softcap)
+    rows, weight, bias, softcap = _head_operands(model, spec, normed)
+    with torch.autocast(rows.device.type, enabled=False):  # the operands are already in the compute dtype
+        return token_loss_no_grad(rows, weight, targets, bias, softcap=softcap)
 
 
 def _normed_token_loss(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor
                        ) -> torch.Tensor:
     """Per-row CE [R] (fp32, differentiable) of rows already through the final norm."""
-    weight, bias = _lm_head(model)
-    rows, softcap = _head_input(model, spec, normed)
-    return token_loss(rows, weight, targets, bias, softcap=softcap)
+    rows, weight, bias, softcap = _head_operands(model, spec, normed)
+    with torch.autocast(rows.device.type, enabled=False):
+        return token_loss(rows, weight, targets, bias, softcap=softcap)
 
 
 def _kept_loss_sum(model: nn.Module, spec: ArchSpec, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of CE (fp32, differentiable) of the kept rows normed [M, d] (through the final norm): Liger's fused
-    linear cross-entropy on CUDA where it applies (no soft-cap, no autocast, matching dtypes: the measured
-    setting), else the chunked loss; neither holds [M, vocab] fp32 logits at once."""
-    weight, bias = _lm_head(model)
-    rows, softcap = _head_input(model, spec, normed)
-    if (softcap is None and liger_kernels_usable(rows.device) and rows.dtype == weight.dtype
-            and not torch.is_autocast_enabled(rows.device.type)):
-        return liger_ce_sum(rows, weight, targets, bias)
-    return token_loss(rows, weight, targets, bias, softcap=softcap).sum()
+    linear cross-entropy on CUDA where it applies (no soft-cap, matching dtypes), else the chunked loss;
+    neither holds [M, vocab] fp32 logits at once."""
+    rows, weight, bias, softcap = _head_operands(model, spec, normed)
+    with torch.autocast(rows.device.type, enabled=False):
+        if softcap is None and liger_kernels_usable(rows.device) and rows.dtype == weight.dtype:
+            return liger_ce_sum(rows, weight, targets, bias)
+        return token_loss(rows, weight, targets, bias, softcap=softcap).sum()
 
 
 def _wants_router_logits(model: nn.Module, spec: ArchSpec) -> bool:

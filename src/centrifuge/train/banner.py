@@ -82,7 +82,7 @@ def setup_line(config, device: torch.device, autocast_dtype: torch.dtype | None)
     if device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(device)})"
     precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
-    parts = [f"device: {where}, {precision}"]
+    parts = [f"device: {where}, {precision}" + (", Liger-Kernel (model.liger)" if config.model.liger else "")]
     t = config.tokens
     if token_filtering_on(config):
         if t.attention != "auto":

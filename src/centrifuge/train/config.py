@@ -49,6 +49,9 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields replaced in the preset
     trust_remote_code: bool = False  # only for `path`; runs code shipped with the model when true
     attn_implementation: str = "sdpa"
+    # Liger-Kernel's fused RoPE, RMSNorm, SwiGLU and linear cross-entropy on the model (its instance patch, as
+    # Trainer(use_liger_kernel=True) applies): the fastest dense step on CUDA. Needs CUDA and liger-kernel.
+    liger: bool = False
 
     def validate(self) -> None:
         from centrifuge.models.presets import PRESETS

@@ -58,7 +58,7 @@ from centrifuge.train.data import (
 )
 from centrifuge.train.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingStoppedError
 from centrifuge.train.metrics import MetricsLogger, Progress, RunClock, step_record
-from centrifuge.train.step import LossFn, StepHooks, dense_loss, evaluate, train_step
+from centrifuge.train.step import LossFn, StepHooks, dense_loss, evaluate, fused_dense_loss, train_step
 from centrifuge.train.tokenizer import TextTokenizer, cached_bpe, has_tokenizer, load_tokenizer
 
 TOKENIZER_DIR = "tokenizer"
@@ -361,9 +361,30 @@ def build_model(config: Config, hf_config: Any) -> nn.Module:
         model = load_model(m.path, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
     else:
         model = build_preset(hf_config, attn_implementation=m.attn_implementation, seed=config.train.seed)
+    if config.model.liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)  # what Trainer(use_liger_kernel=True) applies
     if config.train.activation_checkpointing:  # the token-sparse layers then recompute on kept rows only
         enable_activation_checkpointing(model)
     return model
+
+
+def check_liger(config: Config, device: torch.device) -> None:
+    """``model.liger`` needs CUDA and liger-kernel, and a combination that has been tested (not omission)."""
+    if not config.model.liger:
+        return
+    from centrifuge.models.liger import liger_available
+
+    if device.type != "cuda":
+        raise ConfigError(f"model.liger: Liger-Kernel's kernels run on CUDA only (this run's device is "
+                          f"{device.type}); set model.liger=false")
+    why = liger_available()
+    if why:
+        raise ConfigError(f"model.liger: {why}; or set model.liger=false")
+    if config.neurons.enabled:
+        raise ConfigError("model.liger: neuron omission computes its narrow MLP and attention itself and is not "
+                          "tested on Liger-patched models; set neurons.rate=0 or model.liger=false")
 
 
 def build_optimizer(model: nn.Module, config: Config) -> torch.optim.AdamW:
@@ -543,6 +564,7 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     if config.tokens.reference_model and os.path.isdir(config.tokens.reference_model):
         _check_weights_are_safetensors(config.tokens.reference_model, "tokens.reference_model")
 
+    check_liger(config, device)
     seed_everything(config.train.seed)
     try:
         model = build_model(config, hf_config).to(device)
@@ -572,7 +594,8 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     probe = maybe_probe(config, model, lambda: indexed_batch(data.train, first_batch), device,
                         distributed=info.enabled)  # dense vs token-sparse time on a model copy, CPU only
     context = RunContext(config, model, optimizer, scheduler, device, data=data, tokenizer=tokenizer,
-                         say=print if info.is_main else _quiet, train_model=train_model, dist=info)
+                         say=print if info.is_main else _quiet, train_model=train_model, dist=info,
+                         loss_fn=fused_dense_loss if config.model.liger else dense_loss)
     for plugin in default_plugins() if plugins is None else plugins:
         plugin(context)
     if resume_from is not None:

@@ -69,6 +69,18 @@ def dense_loss(model: nn.Module, batch: Batch) -> MicroLoss:
     return MicroLoss(loss_sum=loss_sum, num_counted=num_valid, num_valid=num_valid)
 
 
+def fused_dense_loss(model: nn.Module, batch: Batch) -> MicroLoss:
+    """``dense_loss`` through the model's own loss: with ``model.liger`` (a Liger-patched model in training
+    mode) Liger's fused linear cross-entropy, which never materializes the [B, T, V] logits.
+
+    ``num_items_in_batch=1`` asks for the summed loss (Hugging Face and Liger divide their sum by it), so
+    the result is the same SUM over labelled tokens as ``dense_loss``'s, in fp32."""
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                use_cache=False, num_items_in_batch=1)
+    num_valid = (shift_labels(batch["labels"]) != IGNORE_INDEX).sum()
+    return MicroLoss(loss_sum=out.loss.float(), num_counted=num_valid, num_valid=num_valid)
+
+
 StepHook = Callable[[int], None]  # called with the step number
 
 

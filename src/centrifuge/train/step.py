@@ -195,15 +195,12 @@ def train_step(
 
     totals = torch.stack([counted.double(), valid.double(), tokens.double(), loss_total])
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    pending = None  # the async count all-reduce, waited for at the host sync below
-    if world_size == 1:
-        global_count = totals[0]
-    elif known_global is not None:  # the count needs no collective: the sums for reporting go async
+    pending = None  # the async all-reduce of the sums, waited for at the host sync below
+    if world_size > 1 and known_global is not None:  # the count needs no collective: the sums go async
         pending = dist.all_reduce(totals, async_op=True)
-        global_count = known_global.double()
-    else:  # the scale needs the global count; stream-ordered on NCCL (no host sync here)
+    elif world_size > 1:  # the scale needs the global count; stream-ordered on NCCL (no host sync here)
         dist.all_reduce(totals)
-        global_count = totals[0]
+    global_count = known_global.double() if known_global is not None else totals[0]
 
     averaged = grads_averaged_over_ranks
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -48,14 +48,25 @@ def shape_model(shape: str) -> tuple[str, int | None]:
     return SHAPE_PRESETS.get(base, base), layers
 
 
+# FSDP2 knobs for a short backward (train.fsdp_reshard_after_forward / fsdp_prefetch): the "_tuned" arms
+TUNED = ["train.fsdp_reshard_after_forward=false", "train.fsdp_prefetch=1"]
+
+
 def arm_sets(arm: str, *, keep: float, rate: float) -> list[str]:
-    """``--set`` items of an arm. dense / tokens under FSDP2; the neuron arm under DDP (FSDP2 refuses it)."""
+    """``--set`` items of an arm; all under FSDP2 but the ``_ddp`` ones."""
+    tokens = [f"tokens.keep_ratio={keep}", "tokens.mode=fast"]
+    neurons = [f"neurons.rate={rate}", "neurons.schedule=constant"]
     arms = {
         "dense": ["tokens.keep_ratio=1.0", "train.distributed=fsdp2"],
-        "tokens": [f"tokens.keep_ratio={keep}", "tokens.mode=fast", "train.distributed=fsdp2"],
-        "tokens+neurons": [f"tokens.keep_ratio={keep}", "tokens.mode=fast", f"neurons.rate={rate}",
-                           "neurons.schedule=constant", "train.distributed=ddp"],
-        "dense_ddp": ["tokens.keep_ratio=1.0", "train.distributed=ddp"],  # the DDP baseline (optional arm)
+        "tokens": [*tokens, "train.distributed=fsdp2"],
+        "tokens_after": [*tokens, "tokens.selector=self_loss", "train.distributed=fsdp2"],  # mask after forward
+        "tokens+neurons": [*tokens, *neurons, "train.distributed=fsdp2"],
+        "dense_tuned": ["tokens.keep_ratio=1.0", "train.distributed=fsdp2", *TUNED],
+        "tokens_tuned": [*tokens, "train.distributed=fsdp2", *TUNED],
+        "tokens+neurons_tuned": [*tokens, *neurons, "train.distributed=fsdp2", *TUNED],
+        "dense_ddp": ["tokens.keep_ratio=1.0", "train.distributed=ddp"],
+        "tokens_ddp": [*tokens, "train.distributed=ddp"],
+        "tokens+neurons_ddp": [*tokens, *neurons, "train.distributed=ddp"],
     }
     if arm not in arms:
         raise SystemExit(f"multi_gpu.py: unknown arm {arm!r} (choose from {', '.join(arms)})")
@@ -63,7 +74,14 @@ def arm_sets(arm: str, *, keep: float, rate: float) -> list[str]:
 
 
 def strategy_of(arm: str) -> str:
-    return "ddp" if arm in ("tokens+neurons", "dense_ddp") else "fsdp2"
+    return "ddp" if arm.endswith("_ddp") else "fsdp2"
+
+
+def baseline_of(arm: str) -> str:
+    """The dense arm an arm's step time is compared with (same wrapper and knobs)."""
+    if arm.endswith("_ddp"):
+        return "dense_ddp"
+    return "dense_tuned" if arm.endswith("_tuned") else "dense"
 
 
 def env_rank() -> tuple[int, int, int]:
@@ -86,6 +104,97 @@ def window_throughput(records: list[dict]) -> tuple[float | None, list[float]]:
     if not use:
         return None, rates
     return len(use) / sum(1.0 / r for r in use), rates
+
+
+# ------------------------------------------------------------------------------------------ trace summary
+
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "broadcast")
+
+
+def collective_kind(name: str) -> str | None:
+    """Which collective an event is (NCCL kernel ``ncclDevKernel_AllGather_RING_LL``, c10d / gloo op
+    ``c10d::_reduce_scatter_base_``, ``gloo:all_reduce``, ...), or None."""
+    flat = name.lower().replace("_", "")
+    for kind in COLLECTIVES:
+        if kind.replace("_", "") in flat:
+            return kind
+    return None
+
+
+def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, merged intervals."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two merged interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def trace_summary(events: list[dict], steps: int) -> dict:
+    """One rank's profiler trace (chrome-trace ``traceEvents``) over ``steps`` training steps, per step (ms).
+
+    On CUDA (kernel events present): the window from the first to the last kernel; ``busy`` = union of all
+    kernels, ``compute`` = union of the non-collective kernels; per collective kind (all-gather,
+    reduce-scatter, all-reduce, broadcast) its kernel time, its **exposed** time (not overlapped by any
+    compute kernel: what the step waits for) and its count; ``idle`` = window - busy; ``host_sync`` = time
+    in blocking CUDA runtime calls (stream / device / event synchronize, synchronous memcpy). On the CPU
+    (gloo: no kernels), per kind the count and host time of the c10d / gloo ops, nothing exposed."""
+    xs = [e for e in events if e.get("ph") == "X" and isinstance(e.get("dur"), (int, float))]
+    kernels = [e for e in xs if e.get("cat") == "kernel"]
+    per = max(steps, 1)
+    out: dict = {"steps": steps, "device": "cuda" if kernels else "cpu", "collectives": {}}
+    if kernels:
+        spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels]
+        window = max(b for _, b in spans) - min(a for a, _ in spans)
+        busy = union(spans)
+        compute = union([sp for sp, e in zip(spans, kernels, strict=True) if collective_kind(e["name"]) is None])
+        out.update(window_ms=window / 1e3 / per, busy_ms=length(busy) / 1e3 / per,
+                   compute_ms=length(compute) / 1e3 / per, idle_ms=(window - length(busy)) / 1e3 / per)
+        for kind in COLLECTIVES:
+            mine = [sp for sp, e in zip(spans, kernels, strict=True) if collective_kind(e["name"]) == kind]
+            if not mine:
+                continue
+            merged = union(mine)
+            out["collectives"][kind] = {"count": len(mine) / per, "ms": length(merged) / 1e3 / per,
+                                        "exposed_ms": (length(merged) - overlap(merged, compute)) / 1e3 / per}
+        runtime = [e for e in xs if e.get("cat") == "cuda_runtime" and e["name"].startswith(BLOCKING)]
+        out["host_sync_ms"] = sum(float(e["dur"]) for e in runtime) / 1e3 / per
+        out["host_syncs"] = len(runtime) / per
+    else:
+        ops = [e for e in xs if e.get("cat") == "cpu_op" and collective_kind(e["name"])
+               and e["name"].startswith(("c10d::", "gloo:"))]
+        for kind in COLLECTIVES:
+            mine = [e for e in ops if collective_kind(e["name"]) == kind]
+            if mine:
+                out["collectives"][kind] = {"count": len(mine) / per,
+                                            "ms": sum(float(e["dur"]) for e in mine) / 1e3 / per,
+                                            "exposed_ms": None}
+    marks = sorted((e for e in xs if str(e.get("name", "")).startswith("ProfilerStep#")), key=lambda e: e["ts"])
+    out["step_ms"] = [float(e["dur"]) / 1e3 for e in marks]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -130,7 +239,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if cuda:
             torch.cuda.synchronize(run.device)
             torch.cuda.reset_peak_memory_stats(run.device)
+        profiler = start_profiler(run, args) if args.profile_steps else None
         result = execute_run(run, started=tic)
+        profile = finish_profiler(profiler, args, rank, world) if profiler is not None else None
         peak = [torch.cuda.max_memory_allocated(run.device) / 2**30] if cuda else [None]
         reserved = [torch.cuda.max_memory_reserved(run.device) / 2**30] if cuda else [None]
         if run.dist.enabled:  # every rank's peak to rank 0
@@ -154,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "setup_s": setup_s, "wall_s": time.perf_counter() - tic,
                 "device": torch.cuda.get_device_name(run.device) if cuda else "cpu",
                 "final_loss": next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None),
+                "profile": profile,
             })
             memory = f"peak {max(peak):.1f} GiB/GPU" if cuda else "no CUDA memory on the CPU"
             print(f"[multi_gpu] {args.shape} {args.arm} N={world}: {tps or float('nan'):,.0f} tokens/s, {memory}, "
@@ -167,10 +279,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def start_profiler(run, args):
+    """torch.profiler over ``--profile-steps`` steps after ``--profile-wait`` (warm-up) steps of the run:
+    stepped by an ``after_optimizer_step`` hook, so the loop itself is untouched."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if run.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    schedule = torch.profiler.schedule(wait=args.profile_wait, warmup=1, active=args.profile_steps, repeat=1)
+    prof = torch.profiler.profile(activities=activities, schedule=schedule)
+    prof.__enter__()
+    run.context.hooks.after_optimizer_step.append(lambda step: prof.step())
+    return prof
+
+
+def finish_profiler(prof, args, rank: int, world: int) -> list | None:
+    """Every rank's ``trace_summary`` (gathered on rank 0; None elsewhere); with ``--trace-dir`` the chrome
+    traces of rank 0 and of the last rank as ``trace_rank<r>.json.gz`` (the rest would only fill the disk)."""
+    import gzip
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    prof.__exit__(None, None, None)
+    summary: dict = {"rank": rank, "error": None}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path, encoding="utf-8") as f:
+                trace = json.load(f)
+            summary.update(trace_summary(trace.get("traceEvents", []), args.profile_steps))
+            if args.trace_dir and rank in (0, world - 1):
+                os.makedirs(args.trace_dir, exist_ok=True)
+                with open(path, "rb") as src, gzip.open(os.path.join(args.trace_dir, f"trace_rank{rank}.json.gz"),
+                                                         "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except Exception as err:  # a summary that fails must not lose the run's numbers
+        summary["error"] = f"{type(err).__name__}: {err}"
+    if world > 1 and dist.is_initialized():
+        every: list = [None] * world
+        dist.all_gather_object(every, summary)
+        return every if rank == 0 else None
+    return [summary]
+
+
 # ------------------------------------------------------------------------------------------- gradcheck
 
-GRAD_CASES = ("dense", "tokens", "tokens_select")
-VERDICT_CASES = ("dense", "tokens")
+# dense; tokens: random kappa mask known before the forward (bf16 autocast, as training runs); tokens_after:
+# self_loss batch-scope top-k chosen after the forward, in fp32 (under bf16 a near-tie in the top-k may keep
+# other tokens on N ranks than on one, which is not a gradient error); tokens+neurons: tokens + neuron
+# omission (uniform plan, rate --rate, MLP and heads; FSDP2 since issue 23), bf16.
+GRAD_CASES = ("dense", "tokens", "tokens_after", "tokens+neurons")
+VERDICT_CASES = GRAD_CASES
+FP32_CASES = ("tokens_after",)
 
 
 def grad_model(args):
@@ -206,8 +370,8 @@ def grad_loss(case: str, across_ranks: bool, keep: float):
 
     if case == "dense":
         return dense_loss
-    selector = (selectors.random(keep, seed=5) if case == "tokens"
-                else selectors.self_loss(keep, scope="batch"))
+    selector = (selectors.self_loss(keep, scope="batch") if case == "tokens_after"
+                else selectors.random(keep, seed=5))
     loss = TokenFilterLoss(selector=selector, dense_loss=dense_loss, total_steps=1, across_ranks=across_ranks)
     loss.set_step(0)
     return loss
@@ -225,6 +389,14 @@ def grad_step(args, case: str, device, batches, *, train_model=None, model=None,
         centrifuge.apply(model)  # after FSDP2 wrapping, as the training loop's plug-in does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     grads: dict = {}
+    before = []
+    if case == "tokens+neurons":  # the neuron plug-in's order: after wrapping and centrifuge.apply
+        from centrifuge import neurons
+
+        omitter = neurons.attach(model, rate=args.rate, metric="uniform", total_steps=1,
+                                 multiple=16 if model.config.intermediate_size < 1024 else 64)
+        omitter.protect(optimizer)
+        before.append(lambda step: omitter.plan(step - 1))
 
     def record(step):
         for name, p in model.named_parameters():
@@ -232,10 +404,10 @@ def grad_step(args, case: str, device, batches, *, train_model=None, model=None,
             if keep_on_rank0:
                 grads[name] = g.detach().float().cpu().clone()  # (clipping scales p.grad in place later)
 
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = torch.bfloat16 if device.type == "cuda" and case not in FP32_CASES else None
     stats = train_step(train_model if train_model is not None else model, batches, optimizer, None, step=1,
                        loss_fn=grad_loss(case, train_model is not None, args.keep), max_grad_norm=1.0,
-                       autocast_dtype=autocast, hooks=StepHooks(after_backward=[record]))
+                       autocast_dtype=autocast, hooks=StepHooks(before_forward=before, after_backward=[record]))
     return grads, {"loss": stats.loss, "counted": stats.num_counted, "grad_norm": stats.grad_norm}
 
 
@@ -297,7 +469,8 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
         for case in GRAD_CASES:
             model = grad_model(args).to(device)
             batches = grad_batches(args, world, model.config.vocab_size)
-            train_model = distributed.wrap_model(model, info)
+            train_model = distributed.wrap_model(model, info, reshard_after_forward=not args.keep_gathered,
+                                                 prefetch=args.prefetch)
             share = [distributed.local_share(b, info) for b in batches]
             grads, stats = grad_step(args, case, device, share, train_model=train_model, model=model,
                                      keep_on_rank0=rank == 0)
@@ -323,7 +496,9 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
             write_json(args.result, {
                 "n": world, "backend": dist.get_backend(), "strategy": "fsdp2", "shape": args.shape,
                 "layers": args.layers, "seq": args.seq, "rows_per_rank": args.rows_per_rank, "accum": args.accum,
-                "keep": args.keep, "autocast": "bf16" if device.type == "cuda" else "none (fp32)",
+                "keep": args.keep, "rate": args.rate,
+                "autocast": "bf16 (tokens_after: fp32)" if device.type == "cuda" else "none (fp32)",
+                "fsdp": {"reshard_after_forward": not args.keep_gathered, "prefetch": args.prefetch},
                 "rel_tol": args.rel_tol, "cos_min": args.cos_min, "cases": results,
                 "contrast_dense_vs_tokens_rel_err": contrast, "passed": verdict,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -361,7 +536,7 @@ def build_report(parts: str, meta: dict) -> dict:
                     status.append({"kind": fields[0], "shape": fields[1], "arm": fields[2], "n": int(fields[3]),
                                    "status": fields[4], "seconds": float(fields[5]) if len(fields) > 5 else None})
     runs = []
-    grad = None
+    grads, profiles = [], []
     for s in status:
         name = f"{s['kind']}-{s['shape']}-{s['arm']}-{s['n']}.json"
         result_path = os.path.join(parts, name)
@@ -370,7 +545,11 @@ def build_report(parts: str, meta: dict) -> dict:
             with open(result_path, encoding="utf-8") as f:
                 data = json.load(f)
         if s["kind"] == "grad":
-            grad = {"status": s["status"], "seconds": s["seconds"], **(data or {})}
+            grads.append({"status": s["status"], "seconds": s["seconds"], **(data or {}), "n": s["n"]})
+            continue
+        if s["kind"] == "profile":
+            profiles.append({"shape": s["shape"], "arm": s["arm"], "n": s["n"], "status": s["status"],
+                             "ranks": (data or {}).get("profile"), "step_ms": (data or {}).get("step_ms")})
             continue
         run = {"shape": s["shape"], "arm": s["arm"], "n": s["n"], "status": s["status"], "seconds": s["seconds"]}
         if data:
@@ -384,13 +563,16 @@ def build_report(parts: str, meta: dict) -> dict:
                     None)
 
     for r in runs:
-        base_arm = "dense_ddp" if r["arm"] == "tokens+neurons" and tps(r["shape"], "dense_ddp", r["n"]) else "dense"
+        base_arm = baseline_of(r["arm"])
         dense, mine = tps(r["shape"], base_arm, r["n"]), r.get("tokens_per_s")
         r["baseline"] = base_arm
         r["step_x_dense"] = dense / mine if dense and mine else None  # step time relative to dense
         one = tps(r["shape"], r["arm"], 1)
         r["scaling_efficiency"] = mine / (r["n"] * one) if mine and one else None
-    return {"meta": meta, "runs": runs, "gradcheck": grad}
+    grad = None
+    if grads:  # one verdict over every N checked
+        grad = {"checks": grads, "passed": all(g.get("passed") is True for g in grads)}
+    return {"meta": meta, "runs": runs, "gradcheck": grad, "profiles": profiles}
 
 
 def table_text(report: dict) -> str:
@@ -398,16 +580,16 @@ def table_text(report: dict) -> str:
     lines.append(f"Centrifuge multi-GPU run ({meta.get('device', '?')}, torch {meta.get('torch')}, "
                  f"transformers {meta.get('transformers')}, commit {meta.get('commit')})")
     lines.append(f"{meta.get('per_gpu_batch')}x{meta.get('seq')} tokens per GPU per step, {meta.get('steps')} steps, "
-                 f"tokens kappa={meta.get('keep')}, neurons rate={meta.get('rate')} (constant); dense/tokens: "
-                 "fsdp2, tokens+neurons: ddp; N=1 is one process (no wrapper)")
+                 f"tokens kappa={meta.get('keep')}, neurons rate={meta.get('rate')} (constant); fsdp2 unless the "
+                 "arm ends in _ddp; _tuned: reshard_after_forward=false, prefetch 1; N=1 is one process (no wrapper)")
     lines.append("")
     head = (f"{'shape':16s} {'arm':15s} {'N':>2s} {'tokens/s':>11s} {'step ms':>8s} {'x dense':>8s} "
             f"{'scaling eff':>11s} {'peak GiB/GPU':>12s}  status")
     lines.append(head)
     lines.append("-" * len(head))
     for r in report["runs"]:
-        note = r["status"] + (" (vs dense_ddp)" if r.get("baseline") == "dense_ddp" and r["arm"] != "dense_ddp"
-                              else "")
+        base = r.get("baseline")
+        note = r["status"] + (f" (vs {base})" if base not in (None, "dense") and r["arm"] != base else "")
         lines.append(f"{r['shape']:16s} {r['arm']:15s} {r['n']:2d} {fmt(r.get('tokens_per_s'), '11,.0f'):>11s} "
                      f"{fmt(r.get('step_ms'), '8.1f'):>8s} {fmt(r.get('step_x_dense'), '8.3f'):>8s} "
                      f"{fmt(r.get('scaling_efficiency'), '11.3f'):>11s} "
@@ -418,20 +600,52 @@ def table_text(report: dict) -> str:
     g = report.get("gradcheck")
     if not g:
         lines.append("gradient check: not run")
-    elif "cases" not in g:
-        lines.append(f"gradient check: no result ({g['status']})")
-    else:
-        lines.append(f"gradient check, FSDP2 on N={g['n']} ({g['backend']}, {g['autocast']}) vs one device, "
-                     f"{g['shape']} {g['layers']} layers, {g['rows_per_rank']}x{g['seq']} per rank x {g['accum']} "
-                     f"micro-batches (rel err < {g['rel_tol']:g}, cos > {g['cos_min']:g}):")
-        for case, c in g["cases"].items():
-            lines.append(f"  {case:14s} max rel err {c['max_rel_err']:.2e}  min cos {c['min_cos']:.6f}  "
-                         f"counted {c['counted']}/{c['ref_counted']}  loss {c['loss']:.5f}/{c['ref_loss']:.5f}  "
-                         f"{'PASS' if c['passed'] else 'FAIL'}" + ("" if c["in_verdict"] else "  (information)"))
-        lines.append(f"  verdict: {'PASS' if g['passed'] else 'FAIL'} (dense vs tokens reference gradients differ "
-                     f"by {g['contrast_dense_vs_tokens_rel_err']:.2e}: the check can fail)"
-                     + ("; N=1: FSDP2 on one rank, not a multi-GPU check" if g["n"] == 1 else ""))
+    for c in (g or {}).get("checks", []):
+        if "cases" not in c:
+            lines.append(f"gradient check N={c['n']}: no result ({c['status']})")
+            continue
+        lines.append(f"gradient check, FSDP2 on N={c['n']} ({c['backend']}, {c['autocast']}) vs one device, "
+                     f"{c['shape']} {c['layers']} layers, {c['rows_per_rank']}x{c['seq']} per rank x {c['accum']} "
+                     f"micro-batches (rel err < {c['rel_tol']:g}, cos > {c['cos_min']:g}):")
+        for case, r in c["cases"].items():
+            lines.append(f"  {case:14s} max rel err {r['max_rel_err']:.2e}  min cos {r['min_cos']:.6f}  "
+                         f"counted {r['counted']}/{r['ref_counted']}  loss {r['loss']:.5f}/{r['ref_loss']:.5f}  "
+                         f"{'PASS' if r['passed'] else 'FAIL'}" + ("" if r["in_verdict"] else "  (information)"))
+        lines.append(f"  N={c['n']}: {'PASS' if c['passed'] else 'FAIL'} (dense vs tokens reference gradients "
+                     f"differ by {c['contrast_dense_vs_tokens_rel_err']:.2e}: the check can fail)"
+                     + ("; N=1: FSDP2 on one rank, not a multi-GPU check" if c["n"] == 1 else ""))
+    if g:
+        lines.append(f"gradient check verdict: {'PASS' if g['passed'] else 'FAIL'}")
+    lines.extend(profile_lines(report.get("profiles") or []))
     return "\n".join(lines) + "\n"
+
+
+def profile_lines(profiles: list[dict]) -> list[str]:
+    """Per profiled run and rank: ms per step of the window, busy, idle, and each collective's time, exposed
+    time (not hidden behind compute) and count per step; the straggler spread of busy time over ranks."""
+    if not profiles:
+        return []
+    lines = ["", "profiler (per step; exposed = collective time not overlapped by compute kernels):"]
+    for p in profiles:
+        ranks = p.get("ranks") or []
+        if not ranks:
+            lines.append(f"  {p['shape']} {p['arm']} N={p['n']}: no trace ({p['status']})")
+            continue
+        busy = [r.get("busy_ms") for r in ranks if r.get("busy_ms")]
+        spread = f", busy max/min over ranks {max(busy) / min(busy):.3f}" if busy else ""
+        lines.append(f"  {p['shape']} {p['arm']} N={p['n']} ({p['status']}{spread}):")
+        for r in ranks:
+            if r.get("error"):
+                lines.append(f"    rank {r['rank']}: {r['error']}")
+                continue
+            parts = [f"{kind} {c['ms']:.2f} ms" + (f" ({c['exposed_ms']:.2f} exposed)" if c["exposed_ms"] is not None
+                                                     else "") + f" x{c['count']:g}"
+                     for kind, c in r.get("collectives", {}).items()]
+            head = (f"window {fmt(r.get('window_ms'), '.1f')} busy {fmt(r.get('busy_ms'), '.1f')} "
+                    f"idle {fmt(r.get('idle_ms'), '.1f')} host sync {fmt(r.get('host_sync_ms'), '.2f')} ms; "
+                    if r.get("device") == "cuda" else "")
+            lines.append(f"    rank {r['rank']}: {head}{'; '.join(parts) or 'no collective seen'}")
+    return lines
 
 
 def plot(report: dict, path: str) -> bool:
@@ -485,10 +699,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         writer.writeheader()
         for r in report["runs"]:
             writer.writerow({k: r.get(k) for k in columns})
-        g = report.get("gradcheck") or {}
-        for case, c in (g.get("cases") or {}).items():  # the gradient check as rows of its own
-            writer.writerow({"shape": g.get("shape"), "arm": f"gradcheck:{case}", "n": g.get("n"),
-                             "status": "PASS" if c["passed"] else "FAIL", "strategy": "fsdp2"})
+        for g in (report.get("gradcheck") or {}).get("checks", []):
+            for case, c in (g.get("cases") or {}).items():  # the gradient checks as rows of their own
+                writer.writerow({"shape": g.get("shape"), "arm": f"gradcheck:{case}", "n": g.get("n"),
+                                 "status": "PASS" if c["passed"] else "FAIL", "strategy": "fsdp2"})
     text = table_text(report)
     with open(os.path.join(args.out_dir, "table.txt"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -521,6 +735,9 @@ def main() -> int:
     t.add_argument("--rate", type=float, default=0.5)
     t.add_argument("--device", default="auto")
     t.add_argument("--write-checkpoint", action="store_true", help="let the loop write its final checkpoint")
+    t.add_argument("--profile-steps", type=int, default=0, help="profile this many steps (0 = no profiler)")
+    t.add_argument("--profile-wait", type=int, default=3, help="steps before the profiled ones (warm-up)")
+    t.add_argument("--trace-dir", default=None, help="keep every rank's chrome trace here (gzip)")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("gradcheck", help="FSDP2 gradients on N ranks vs one device (every rank)")
@@ -531,6 +748,9 @@ def main() -> int:
     g.add_argument("--rows-per-rank", type=int, default=2)
     g.add_argument("--accum", type=int, default=2)
     g.add_argument("--keep", type=float, default=0.5)
+    g.add_argument("--rate", type=float, default=0.5, help="neuron omission rate of the tokens+neurons case")
+    g.add_argument("--keep-gathered", action="store_true", help="FSDP2 reshard_after_forward=False")
+    g.add_argument("--prefetch", type=int, default=0, help="FSDP2 explicit prefetch (layers ahead)")
     g.add_argument("--rel-tol", type=float, default=2e-2)
     g.add_argument("--cos-min", type=float, default=0.999)
     g.add_argument("--device", default="cuda", choices=["cuda", "cpu"])

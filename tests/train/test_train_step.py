@@ -159,6 +159,37 @@ def test_hooks_run_in_order_and_a_custom_loss_fn_sets_the_kept_fraction():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("offset", [0, 1])
+def test_a_known_global_count_scales_alike_and_a_wrong_one_is_refused(offset):
+    """``MicroLoss.global_counted`` (what token filtering knows from the global mask) scales the gradients
+    without waiting for the count: the right count gives the very step of a loss without it; a count that
+    disagrees with the sum of the local ones is one error, and the optimizer does not step."""
+    def with_global(model, batch):
+        micro = dense_loss(model, batch)
+        micro.global_counted = micro.num_counted + offset
+        return micro
+
+    stepped = {}
+    for name, loss_fn in (("plain", dense_loss), ("known", with_global)):
+        model = tiny_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        grads = {}
+        record = StepHooks(after_backward=[lambda s, m=model, g=grads: g.update(
+            {n: p.grad.clone() for n, p in m.named_parameters()})])
+        if name == "known" and offset:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with pytest.raises(RuntimeError, match=r"global counted tokens \(\d+\) differ from the sum of the ranks"):
+                train_step(model, split(batch(), 2), optimizer, None, step=1, loss_fn=loss_fn, hooks=record)
+            assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+            return
+        stats = train_step(model, split(batch(), 2), optimizer, None, step=1, loss_fn=loss_fn, hooks=record)
+        stepped[name] = (stats, grads, {n: p.detach().clone() for n, p in model.named_parameters()})
+    (plain, plain_grads, plain_weights), (known, known_grads, known_weights) = stepped["plain"], stepped["known"]
+    assert (known.loss, known.num_counted, known.grad_norm) == (plain.loss, plain.num_counted, plain.grad_norm)
+    assert all(torch.equal(known_grads[n], g) for n, g in plain_grads.items())
+    assert all(torch.equal(known_weights[n], w) for n, w in plain_weights.items())
+
+
 def test_evaluate_matches_dense_loss_and_restores_train_mode():
     model = tiny_model()
     full = batch()

@@ -35,7 +35,10 @@ instead of falling back. ``fast_updates`` counts the parameter updates the maske
 
 If the stock step raises, the post-step hook does not run and held-back gradients stay ``None``.
 
-Not for sharded parameters (FSDP / ZeRO): the hooks index full parameter tensors.
+FSDP2 (``DTensor`` parameters sharded by rows, ``Shard(0)``): the masked path does not apply (plain tensors
+only); save / restore works on each rank's local shard, with the omitted row ids mapped into the rank's row
+block (``_local_ids``) and column ids used as they are. Other sharded layouts (FSDP1, ZeRO, 2-D meshes) are
+not supported: the hooks would index full tensors.
 """
 
 from __future__ import annotations
@@ -141,10 +144,13 @@ class OptimizerMask:
         if slices and self.fast is not False:
             slices = self._hold_back(optimizer, kwargs, slices)
         for param, dim, ids, _ in slices:
+            ids = _local_ids(param, dim, ids)  # into this rank's shard of an FSDP2 (DTensor) parameter
             state = optimizer.state.get(param, {})
             had_state = bool(state)
-            saved_state = {key: t.index_select(dim, ids) for key, t in state.items() if _same_shape(t, param)}
-            self._saved.append((param, dim, ids, param.detach().index_select(dim, ids), had_state, saved_state))
+            saved_state = {key: _local(t).index_select(dim, ids) for key, t in state.items()
+                           if _same_shape(t, param)}
+            self._saved.append((param, dim, ids, _local(param.detach()).index_select(dim, ids), had_state,
+                                saved_state))
 
     def _hold_back(self, optimizer, kwargs, slices: list) -> list:
         """Take the parameters the masked path can update out of the stock step; return the other slices."""
@@ -191,15 +197,15 @@ class OptimizerMask:
     def _after(self, optimizer, args, kwargs) -> None:
         try:
             for param, dim, ids, values, had_state, saved_state in self._saved:
-                param.detach().index_copy_(dim, ids, values)
+                _local(param.detach()).index_copy_(dim, ids, values)
                 state = optimizer.state.get(param, {})
                 for key, t in state.items():
                     if not _same_shape(t, param):
                         continue
                     if key in saved_state:
-                        t.index_copy_(dim, ids, saved_state[key])
+                        _local(t).index_copy_(dim, ids, saved_state[key])
                     elif not had_state:
-                        t.index_fill_(dim, ids, 0)
+                        _local(t).index_fill_(dim, ids, 0)
             if self._held:
                 self._masked_step(optimizer)
         finally:
@@ -269,6 +275,34 @@ def _keep_vectors(requests: list[tuple[list[torch.Tensor], int]]) -> list[torch.
             for i in where:
                 out[i] = keep[row]
     return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a ``DTensor`` (a view: writes reach the parameter); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _local_ids(param: torch.Tensor, dim: int, ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` (indices along ``dim`` of the full parameter) as indices into this rank's local tensor.
+
+    A plain tensor: ``ids`` themselves. An FSDP2 ``DTensor`` (``Shard(0)`` on a 1-D mesh, the layout
+    ``fully_shard`` gives): along dim 0 the ids that fall in this rank's row block, shifted to start at 0
+    (a host sync: the count depends on the data); along any other dim the ids as they are, since every rank
+    holds all columns of its rows. Other layouts raise ``NotImplementedError``."""
+    if not hasattr(param, "placements"):
+        return ids
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = tuple(param.placements)
+    if len(placements) != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+        raise NotImplementedError(f"omitted slices of a DTensor placed as {placements} (only FSDP2's Shard(0))")
+    if dim != 0:
+        return ids
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, placements)
+    start, rows = int(offset[0]), int(shape[0])
+    mine = (ids >= start) & (ids < start + rows)
+    return ids[mine] - start
 
 
 def _scalar(x) -> float:

@@ -55,6 +55,7 @@ class TokenFilterLoss:
     reference: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     ratio_driven: bool = True
     across_ranks: bool = False
+    _global_counted: torch.Tensor | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.schedule is None:
@@ -85,7 +86,11 @@ class TokenFilterLoss:
         def gather(t):
             return None if t is None else all_gather_rows(t)
 
-        keep = self.selector(scores=gather(scores), valid=gather(valid), step=step, reference=gather(reference))
+        every_valid = gather(valid)
+        keep = self.selector(scores=gather(scores), valid=every_valid, step=step, reference=gather(reference))
+        # counted = kept and labelled (the model's ``num_counted``), over the global micro-batch: the step's
+        # global count without a collective (``MicroLoss.global_counted``)
+        self._global_counted = (keep.bool() & every_valid.bool()).sum()
         rows = valid.shape[0]
         return keep[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
 
@@ -103,6 +108,7 @@ class TokenFilterLoss:
         inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"],
                   "position_ids": batch.get("position_ids"), "use_cache": False}
         reference = self._reference_for(batch)
+        self._global_counted = None  # set by _select when it runs on the global micro-batch
         if self.selector.needs_current_loss:
             step = self.step
 
@@ -114,7 +120,8 @@ class TokenFilterLoss:
             labelled = shift_labels(batch["labels"]) != IGNORE_INDEX
             keep = self._select(scores=None, valid=labelled, step=self.step, reference=reference)
             out = model(**inputs, keep_mask=keep)
-        return MicroLoss(loss_sum=out.loss_sum, num_counted=out.num_counted, num_valid=out.num_labelled)
+        return MicroLoss(loss_sum=out.loss_sum, num_counted=out.num_counted, num_valid=out.num_labelled,
+                         global_counted=self._global_counted)
 
 
 def _reference_source(tokens, context) -> Callable[[dict[str, torch.Tensor]], torch.Tensor] | None:

@@ -11,20 +11,30 @@ Layout of ``<run>/checkpoints/step-0000120/``:
 - ``state.json`` (written last): step, data position, scheduler state, optimizer hyper-parameters per
   group (parameters by name), python and numpy RNG states, the run's config, and the size of every file.
 
-Under ``torchrun`` (``centrifuge.train.distributed``) the checkpoint is the same *full* one, written by rank 0:
-DDP ranks hold identical weights; FSDP2 shards are gathered (``get_model_state_dict`` /
-``get_optimizer_state_dict`` with ``full_state_dict``, to rank 0's CPU) and, on loading, every rank reads the
-files and keeps its shard (``set_model_state_dict`` / ``set_optimizer_state_dict``). Every rank's torch RNG
-state is stored (``rng.safetensors``: rank 0's under the plain keys, rank r's as ``rank<r>/<key>``) and
-``state.json`` records ``world_size``; resuming with another number of ranks is refused (one
-``CheckpointError``), since each rank's RNG stream and batch share belong to its rank. The files must be on a
-file system every rank sees.
+Under ``torchrun`` (``centrifuge.train.distributed``) there are two layouts (``checkpoint.format``):
+
+- **full** (one process, DDP; FSDP2 with ``format: full``): the files above, written by rank 0. DDP ranks hold
+  identical weights; FSDP2 shards are gathered (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
+  ``full_state_dict``, to rank 0's CPU) and, on loading, every rank reads the files and keeps its shard.
+- **sharded** (the default under FSDP2; ``format_version`` 3, ``"layout": "sharded"``): weights and AdamW state
+  through ``torch.distributed.checkpoint``, every rank writing its own shards (``__<rank>_0.distcp``) and one
+  index, ``dcp_metadata.json``, instead of ``model.safetensors`` / ``optimizer.safetensors``; nothing is
+  gathered but the Hugging Face export ``model.safetensors`` (``checkpoint.full_weights``: every checkpoint,
+  or only the last). DCP's own pickled index is never written nor read (``centrifuge.train.sharded_checkpoint``).
+
+Both resume on any number of ranks (DCP reshards; a full checkpoint is split by FSDP2 or loaded whole): the
+data order is global and ``state.json`` records ``world_size``. Every rank's torch RNG state is stored
+(``rng.safetensors``: rank 0's under the plain keys, rank r's as ``rank<r>/<key>``); with the same number of
+ranks each takes its own back, with another number they must all have been equal (``check_world_size``;
+otherwise one ``CheckpointError``). The files must be on a file system every rank sees.
 
 A checkpoint is written in a temporary directory next to its final place and moved there with one
 ``os.replace``, so a crash (even SIGKILL) leaves either the whole checkpoint or none. Only the newest
-``keep`` are kept. Loading checks every file (present, full size, readable header, same parameter names and
-shapes as the model) before touching the model, so a bad checkpoint gives one ``CheckpointError`` and
-changes nothing. Pickle is never used (no ``torch.load``).
+``keep`` are kept. Loading checks every file (present, full size, sha256, readable header or index, same
+parameter names and shapes as the model) before touching the model, so a bad checkpoint gives one
+``CheckpointError`` and changes nothing. Nothing is fully unpickled: safetensors files are parsed, DCP's index
+is JSON, and DCP's shards are read tensor by tensor with ``torch.load(weights_only=True)`` (torch's
+restricted unpickler) only after their sha256 matched ``state.json``.
 """
 
 from __future__ import annotations
@@ -48,11 +58,12 @@ from safetensors.torch import load_model as load_model_weights
 from torch import nn
 
 from centrifuge._io import sha256_file
-from centrifuge.train import distributed
+from centrifuge.train import distributed, sharded_checkpoint
 from centrifuge.train.errors import CheckpointError
 
 FORMAT_VERSION = 2  # 2: every file listed with size and sha256; 1 (sizes of the tensor files only) still loads
-_READABLE_VERSIONS = (1, 2)
+SHARDED_FORMAT_VERSION = 3  # the sharded layout (DCP shards + dcp_metadata.json); older readers refuse it
+_READABLE_VERSIONS = (1, 2, 3)
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -99,11 +110,16 @@ def save_checkpoint(
     tokenizer_dir: str | None = None,
     keep: int = 2,
     plugin_state: dict[str, dict[str, torch.Tensor]] | None = None,
+    sharded: bool | None = None,
+    full_weights: bool = True,
 ) -> str:
     """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep``. Returns its path.
 
     ``extra`` (JSON-able: data position, config, eval history...) is stored in ``state.json``;
-    ``plugin_state`` (plug-in name -> tensors) in ``plugins.safetensors``."""
+    ``plugin_state`` (plug-in name -> tensors) in ``plugins.safetensors``. ``sharded`` (None: when the model
+    is FSDP2): weights and optimizer state through DCP, each rank writing its shards
+    (``centrifuge.train.sharded_checkpoint``); ``full_weights`` then says whether ``model.safetensors`` (the
+    Hugging Face export, gathered onto rank 0) is written too. A full checkpoint always has it."""
     root = os.path.join(run_dir, CHECKPOINTS)
     final = os.path.join(root, checkpoint_name(step))
     if os.path.isdir(final):  # e.g. SIGTERM right after the periodic save of the same step
@@ -111,39 +127,58 @@ def save_checkpoint(
     # Collectives first, on every rank (each checked `final` above before rank 0 can have created it).
     rank, world = _rank_world()
     model = distributed.unwrap(model)
-    sharded = distributed.is_fsdp2(model)
-    full_model = _gathered_model_state(model) if sharded else None
-    full_optim = _gathered_optimizer_state(model, optimizer) if sharded else None
+    fsdp = distributed.is_fsdp2(model)
+    sharded = fsdp if sharded is None else sharded
+    full_weights = full_weights or not sharded
+    full_model = _gathered_model_state(model) if fsdp and full_weights else None
+    full_optim = _gathered_optimizer_state(model, optimizer) if fsdp and not sharded else None
     rng = _torch_rng_tensors_all_ranks(rank, world)
+    tmp = None
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root)
+    optim_rest = None
+    if sharded:
+        tmp = _rank_zero_path(tmp, world)
+        try:
+            optim_rest = sharded_checkpoint.save(tmp, model, optimizer)  # every rank writes its shards
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if rank != 0:
         dist.barrier()  # rank 0 has written (and pruned) the checkpoint
         return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{checkpoint_name(step)}-", dir=root)
     try:
-        if sharded:
+        if full_weights and fsdp:
             save_file(_without_aliases(model, full_model), os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
-        else:
+        elif full_weights:
             save_model(model, os.path.join(tmp, MODEL_FILE), metadata={"format": "pt"})
         if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
             model.config.to_json_file(os.path.join(tmp, "config.json"))
         if tokenizer_dir is not None:
             for name in tokenizer_files(tokenizer_dir):  # plain files only: no symlink is followed
                 shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(tmp, name), follow_symlinks=False)
-        by_name = _optimizer_by_name(model, optimizer) if full_optim is None else _named_full_optimizer(full_optim)
-        groups, scalars = _save_optimizer(*by_name, os.path.join(tmp, OPTIMIZER_FILE))
+        if sharded:
+            groups = _json_groups(optim_rest["param_groups"])
+            scalars = optim_rest["scalars"]
+        else:
+            by_name = (_optimizer_by_name(model, optimizer) if full_optim is None
+                       else _named_full_optimizer(full_optim))
+            groups, scalars = _save_optimizer(*by_name, os.path.join(tmp, OPTIMIZER_FILE))
         save_file(rng, os.path.join(tmp, RNG_FILE))
         plugin_tensors = {f"{plugin}{_SEP}{key}": t.detach().contiguous().cpu()
                           for plugin, tensors in (plugin_state or {}).items() for key, t in tensors.items()}
         if plugin_tensors:
             save_file(plugin_tensors, os.path.join(tmp, PLUGINS_FILE))
-        # Every file of the checkpoint (weights, optimizer, RNG, plug-ins, config.json, tokenizer) with its
-        # size and sha256, verified on resume before anything is loaded. Hashing reads each file once more
-        # (from the page cache, ~1 GB/s), at every save and once on resume.
+        # Every file of the checkpoint (weights, optimizer, RNG, plug-ins, DCP shards and index, config.json,
+        # tokenizer) with its size and sha256, verified on resume before anything is loaded. Hashing reads
+        # each file once more (from the page cache, ~1 GB/s), at every save and once on resume.
         files = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256_file(os.path.join(tmp, n))}
                  for n in sorted(os.listdir(tmp))}
         state = {
-            "format_version": FORMAT_VERSION,
+            "format_version": SHARDED_FORMAT_VERSION if sharded else FORMAT_VERSION,
+            "layout": "sharded" if sharded else "full",
             "step": step,
             "world_size": world,
             "files": files,
@@ -166,6 +201,21 @@ def save_checkpoint(
     if world > 1:
         dist.barrier()
     return final
+
+
+def _rank_zero_path(path: str | None, world: int) -> str:
+    """Rank 0's ``path`` on every rank (the temporary directory all ranks write their shards into)."""
+    if world == 1:
+        return path
+    box = [path]
+    dist.broadcast_object_list(box, src=0)  # between this job's own processes; nothing is read from disk
+    return box[0]
+
+
+def _json_groups(groups: list[dict]) -> list[dict]:
+    """Optimizer param groups (parameters by name) as ``state.json`` holds them."""
+    return [{**_json_able({k: v for k, v in g.items() if k != "params"}), "params": list(g["params"])}
+            for g in groups]
 
 
 def prune_checkpoints(run_dir: str, *, keep: int) -> None:
@@ -213,9 +263,7 @@ def _save_optimizer(state: dict[str, dict[str, Any]], groups: list[dict], path: 
             else:
                 scalars.setdefault(name, {})[key] = value
     save_file(tensors, path)
-    saved_groups = [{**_json_able({k: v for k, v in g.items() if k != "params"}), "params": list(g["params"])}
-                    for g in groups]
-    return saved_groups, scalars
+    return _json_groups(groups), scalars
 
 
 def _gathered_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -251,10 +299,11 @@ def _without_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def read_state(ckpt_dir: str, *, verify: bool = False) -> dict[str, Any]:
+def read_state(ckpt_dir: str, *, verify: bool = False, only: list[str] | None = None) -> dict[str, Any]:
     """``state.json`` of a checkpoint, after checking its fields' types and that every file it lists is
     there in full (a plain file: no symlink, no path outside the checkpoint); with ``verify`` also each
-    file's sha256. Raises ``CheckpointError``; reads nothing but JSON and (with ``verify``) file bytes."""
+    file's sha256 (of the files named in ``only``, when given; ``verify_files`` splits them over ranks).
+    Raises ``CheckpointError``; reads nothing but JSON and (with ``verify``) file bytes."""
     state_path = os.path.join(ckpt_dir, STATE_FILE)
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
@@ -283,7 +332,8 @@ def read_state(ckpt_dir: str, *, verify: bool = False) -> dict[str, Any]:
         actual = os.path.getsize(path)
         if actual != size:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} has {actual} bytes, {size} were written")
-        if verify and isinstance(entry, dict) and sha256_file(path) != entry["sha256"]:
+        if verify and (only is None or name in only) and isinstance(entry, dict) \
+                and sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} does not match the sha256 recorded "
                                   f"in {STATE_FILE} (the file changed after it was written)")
     return state
@@ -320,9 +370,15 @@ def _check_state_fields(ckpt_dir: str, state: dict[str, Any]) -> None:
         if not ok:
             raise bad(f"'files' entry of {name} must be " + ("a size" if state["format_version"] == 1
                                                            else "{size, sha256}"), entry)
-    required = [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE]
+    sharded = state["format_version"] >= SHARDED_FORMAT_VERSION
+    if state.get("layout", "sharded" if sharded else "full") != ("sharded" if sharded else "full"):
+        raise bad(f"'layout' must be {'sharded' if sharded else 'full'} in format {state['format_version']}",
+                  state.get("layout"))
+    required = [sharded_checkpoint.DCP_METADATA_FILE, RNG_FILE] if sharded else [MODEL_FILE, OPTIMIZER_FILE, RNG_FILE]
     if state["format_version"] >= 2 and (missing := [n for n in required if n not in files]):
         raise bad(f"'files' does not list {', '.join(missing)}", sorted(files))
+    if sharded and not any(sharded_checkpoint.is_data_file(n) for n in files):
+        raise bad("'files' lists no DCP data file (__<rank>_0.distcp)", sorted(files))
     # The caller's `extra` keys (`centrifuge train`'s): checked when present; the sampler checks its own.
     for key in ("config", "scheduler", "first_eval", "last_eval", "sampler"):
         if state.get(key) is not None and not isinstance(state[key], dict):
@@ -392,17 +448,62 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model, optimizer and scheduler from ``ckpt_dir``; return its ``state.json`` contents.
 
-    Everything is validated before anything is modified. RNG states are not applied here: call
-    ``restore_rng(state)`` right before training resumes, after anything else that draws random numbers."""
-    state = read_state(ckpt_dir, verify=True)  # sha256 of every file before any of them is parsed
-    check_world_size(ckpt_dir, state)
+    Everything is validated before anything is modified: every file's size and sha256 (split over the ranks
+    under torchrun, the verdict shared), headers or the DCP index against this run's model and optimizer, the
+    RNG file, the scheduler state, and the number of ranks (``check_world_size``). RNG states are not
+    applied here: call ``restore_rng(state)`` right before training resumes, after anything else that draws
+    random numbers. A sharded checkpoint (``layout: sharded``) loads into any number of ranks; a full one
+    into any number too (FSDP2 keeps its shards of the full tensors)."""
+    state = read_state(ckpt_dir)
+    verify_files(ckpt_dir, state)  # sha256 of every file before any of them is parsed
     model = distributed.unwrap(model)
+    _header_shapes(ckpt_dir, RNG_FILE)
+    try:
+        rng_tensors = load_file(os.path.join(ckpt_dir, RNG_FILE))
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {RNG_FILE}: {err}") from None
+    _check_rng_tensors(ckpt_dir, rng_tensors)
+    check_world_size(ckpt_dir, state, rng_tensors)
+    if scheduler is not None and state.get("scheduler") is not None:
+        _check_scheduler_state(ckpt_dir, scheduler, state["scheduler"])
+    if state.get("layout") == "sharded":
+        _check_optimizer(ckpt_dir, model, optimizer, state, {})
+        sharded_checkpoint.load(ckpt_dir, model, optimizer, state)
+    else:
+        _load_full(ckpt_dir, model, optimizer, state)
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    state["_rng_tensors"] = rng_tensors  # for restore_rng, once every random init is done
+    return state
+
+
+def verify_files(ckpt_dir: str, state: dict[str, Any]) -> None:
+    """The sha256 of every file ``state.json`` lists (``CheckpointError`` on the first mismatch, on every rank).
+
+    Under torchrun each rank hashes every world-th file and the ranks share their findings (one
+    ``all_gather_object`` of error messages this job made itself), so a sharded checkpoint is read once in all,
+    not once per rank."""
+    rank, world = _rank_world()
+    names = sorted(state["files"])
+    problem = None
+    try:
+        read_state(ckpt_dir, verify=True, only=names[rank::world])
+    except CheckpointError as err:
+        problem = str(err)
+    if world > 1:
+        found: list[str | None] = [None] * world
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise CheckpointError(problem)
+
+
+def _load_full(ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Model and optimizer from ``model.safetensors`` / ``optimizer.safetensors`` (one process, DDP, FSDP2)."""
     model_shapes = _header_shapes(ckpt_dir, MODEL_FILE)
     optim_shapes = _header_shapes(ckpt_dir, OPTIMIZER_FILE)
-    _header_shapes(ckpt_dir, RNG_FILE)
     _check_model(ckpt_dir, model, model_shapes)
     _check_optimizer(ckpt_dir, model, optimizer, state, optim_shapes)
-
     device = next(model.parameters()).device
     sharded = distributed.is_fsdp2(model)
     try:
@@ -412,22 +513,14 @@ def load_checkpoint(
         else:
             missing, unexpected = load_model_weights(model, os.path.join(ckpt_dir, MODEL_FILE), device=str(device))
         optim_tensors = load_file(os.path.join(ckpt_dir, OPTIMIZER_FILE))
-        rng_tensors = load_file(os.path.join(ckpt_dir, RNG_FILE))
     except Exception as err:  # a header that parses but data that does not
         raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {err}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds another model ({missing or unexpected})")
-    _check_rng_tensors(ckpt_dir, rng_tensors)
-    if scheduler is not None and state.get("scheduler") is not None:
-        _check_scheduler_state(ckpt_dir, scheduler, state["scheduler"])
     if sharded:
         _load_sharded(model, optimizer, state, weights, optim_tensors)
     else:
         optimizer.load_state_dict(_optimizer_state_dict(model, optimizer, state, optim_tensors))
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    state["_rng_tensors"] = rng_tensors  # for restore_rng, once every random init is done
-    return state
 
 
 def _check_rng_tensors(ckpt_dir: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -465,15 +558,27 @@ def _check_scheduler_state(ckpt_dir: str, scheduler: torch.optim.lr_scheduler.LR
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: scheduler {key!r} is {_short(saved[key])}")
 
 
-def check_world_size(ckpt_dir: str, state: dict[str, Any]) -> None:
-    """Refuse a checkpoint written by another number of ranks (``CheckpointError``)."""
+def check_world_size(ckpt_dir: str, state: dict[str, Any], rng_tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to resume on another number of ranks when that would not continue the run exactly.
+
+    The data order is global (every rank draws the same global micro-batch and keeps its share) and the
+    weights and optimizer state load into any number of ranks, so only the random generators can tie a run
+    to its rank count: when every rank of the saving run had the same torch CPU generator state (ranks seed
+    alike and draw alike: token selection runs on the global micro-batch, neuron plans are broadcast from rank
+    0), every rank of the new run continues from it. When they differ (e.g. dropout drew per rank), resuming
+    on another number of ranks is a ``CheckpointError``. CUDA generators follow rank 0's (``restore_rng``)."""
     saved, (_, world) = int(state.get("world_size", 1)), _rank_world()
-    if saved != world:
-        how = "one process" if saved == 1 else f"torchrun --nproc-per-node {saved}"
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} was written by a run of {saved} process(es) and this run has {world}; "
-            f"resume with {how} (each rank's data share and RNG state belong to its rank)"
-        )
+    if saved == world:
+        return
+    cpu = [rng_tensors.get("torch_cpu" if r == 0 else f"rank{r}/torch_cpu") for r in range(saved)]
+    if all(t is not None and torch.equal(t, cpu[0]) for t in cpu):
+        return
+    how = "one process" if saved == 1 else f"torchrun --nproc-per-node {saved}"
+    raise CheckpointError(
+        f"checkpoint {ckpt_dir} was written by a run of {saved} process(es) whose random generators differ "
+        f"from rank to rank, and this run has {world}; resume with {how} (each rank's random stream belongs "
+        "to its rank)"
+    )
 
 
 def _load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
@@ -656,8 +761,10 @@ def _numpy_rng_state() -> list:
 def restore_rng(state: dict) -> None:
     """Apply the torch / python / numpy RNG states of a ``state`` returned by ``load_checkpoint``."""
     tensors = state["_rng_tensors"]
-    rank, _ = _rank_world()
-    if rank > 0:
+    rank, world = _rank_world()
+    if world != int(state.get("world_size", 1)):  # another rank count: all ranks' states were equal (checked)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("rank")}
+    elif rank > 0:
         prefix = f"rank{rank}/"
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     torch.set_rng_state(tensors["torch_cpu"])

@@ -113,12 +113,18 @@ class TrainSection:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16" or "fp32"
     distributed: str = "auto"  # under torchrun: "auto" (= ddp), "ddp" or "fsdp2"; one process: ignored
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (kept rows only)
+    # fsdp2 only: free each layer's all-gathered weights after its forward (FSDP2's default) or keep them
+    # to the backward (false: one all-gather per layer and step instead of two, more memory)
+    fsdp_reshard_after_forward: bool = True
+    fsdp_prefetch: int = 0  # fsdp2 only: 0 = FSDP2's implicit prefetch; k >= 1 = all-gather k layers ahead
 
     def validate(self) -> None:
         from centrifuge.train.distributed import STRATEGIES
 
         _require_choice(self.distributed, "train.distributed", STRATEGIES)
         _require(self.steps >= 1, "train.steps", "must be at least 1", self.steps)
+        _require(self.fsdp_prefetch >= 0, "train.fsdp_prefetch", "must be >= 0 (0 = FSDP2's implicit prefetch)",
+                 self.fsdp_prefetch)
         _require(self.batch_size >= 1, "train.batch_size", "must be at least 1", self.batch_size)
         _require(self.grad_accum >= 1, "train.grad_accum", "must be at least 1", self.grad_accum)
         _require(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be a positive number", self.lr)
@@ -176,10 +182,18 @@ class CheckpointSection:
 
     every: int = 100  # 0 = only at the end (and on SIGINT/SIGTERM)
     keep: int = 2  # how many of the newest checkpoints to keep
+    # "auto" (sharded under train.distributed=fsdp2, full otherwise), "full" (one set of files, written by
+    # rank 0) or "sharded" (every rank writes its shards through torch.distributed.checkpoint)
+    format: str = "auto"
+    # sharded checkpoints: when to add model.safetensors (full weights gathered onto rank 0, for
+    # from_pretrained): "every" checkpoint or only the "last" one of the run (the final step or a stop signal)
+    full_weights: str = "every"
 
     def validate(self) -> None:
         _require(self.every >= 0, "checkpoint.every", "must be >= 0", self.every)
         _require(self.keep >= 1, "checkpoint.keep", "must be at least 1", self.keep)
+        _require_choice(self.format, "checkpoint.format", ("auto", "full", "sharded"))
+        _require_choice(self.full_weights, "checkpoint.full_weights", ("every", "last"))
 
 
 @dataclass

@@ -145,12 +145,28 @@ def local_share(batch: dict[str, torch.Tensor], info: Distributed) -> dict[str, 
     return {name: value[rows] for name, value in batch.items()}
 
 
-def wrap_model(model: nn.Module, info: Distributed) -> nn.Module:
+def wrap_model(model: nn.Module, info: Distributed, *, reshard_after_forward: bool = True,
+               prefetch: int = 0) -> nn.Module:
     """The module ``train_step`` drives: ``model`` itself (one process, or FSDP2, which shards ``model`` in
     place: its parameters become ``DTensor`` shards, so build the optimizer afterwards) or a DDP wrapper.
 
     FSDP2 shards each decoder layer (``model.model.layers``) as its own unit, then the root (embeddings,
-    final norm, LM head), the layout ``fully_shard``'s documentation recommends for transformers."""
+    final norm, LM head), the layout ``fully_shard``'s documentation recommends for transformers. Two knobs
+    (``train.fsdp_reshard_after_forward``, ``train.fsdp_prefetch``) suit a short, token-sparse backward:
+
+    - ``reshard_after_forward`` (True, FSDP2's default): each layer frees its all-gathered weights after its
+      forward and all-gathers them again for its backward. False keeps them from forward to backward: one
+      all-gather per layer and step instead of two, for the memory of every layer's full weights (the
+      root never reshards after its forward either way). With a backward half as long (κ = 0.5) the second
+      all-gather is harder to hide behind compute, which is what False removes.
+    - ``prefetch`` (0: FSDP2's implicit prefetching, one layer ahead, issued when the CPU reaches it): k ≥ 1
+      sets explicit prefetching (``set_modules_to_forward_prefetch`` / ``set_modules_to_backward_prefetch``)
+      of the next k layers in forward order and the previous k in backward order, so their all-gathers are
+      issued before the current layer's compute instead of after it.
+
+    Neither changes what is computed: gradients are those of the default layout (tested on gloo)."""
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0 (layers to all-gather ahead), got {prefetch}")
     if info.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -159,9 +175,17 @@ def wrap_model(model: nn.Module, info: Distributed) -> nn.Module:
     if info.strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
-            fully_shard(layer)
+        layers = list(model.model.layers)
+        for layer in layers:
+            fully_shard(layer, reshard_after_forward=reshard_after_forward)
         fully_shard(model)
+        if prefetch:
+            for i, layer in enumerate(layers):
+                ahead, behind = layers[i + 1:i + 1 + prefetch], layers[max(0, i - prefetch):i][::-1]
+                if ahead:
+                    layer.set_modules_to_forward_prefetch(ahead)
+                if behind:
+                    layer.set_modules_to_backward_prefetch(behind)
         return model
     return model
 

@@ -8,6 +8,8 @@ directory as it was. ``execute_run`` then writes the run:
 
 SIGINT / SIGTERM during the loop finish the current step, save a checkpoint and return (exit code
 128 + signal number); a second signal interrupts at once (the atomic checkpoint writer leaves no debris).
+Under torchrun the ranks agree on the signal without a per-step sync (``SignalVote``), so they stop one
+step later: after the step following the one during which the signal came.
 
 Under ``torchrun --nproc-per-node N`` every rank runs this same code (``centrifuge.train.distributed``):
 each takes its share of every global micro-batch, the model is wrapped per ``train.distributed`` (DDP or
@@ -554,7 +556,6 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
     state, notes = None, []
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
-        ckpt.check_world_size(resume_from, state)
         notes = _check_resumable(config, state.get("config") or {}, resume_from, state["step"])
     hf_config = model_config(config)
     docs, source = read_documents(config.data)
@@ -571,7 +572,9 @@ def prepare_run(config: Config, *, resume: bool = False, plugins: Sequence[Plugi
         key = "model.path" if config.model.path is not None else "model.overrides"
         raise ConfigError(f"{key}: cannot build the model ({' '.join(str(err).split())})") from None
     model.train()
-    train_model = distributed.wrap_model(model, info)  # FSDP2 shards `model` in place: optimizer after it
+    train_model = distributed.wrap_model(  # FSDP2 shards `model` in place: optimizer after it
+        model, info, reshard_after_forward=config.train.fsdp_reshard_after_forward,
+        prefetch=config.train.fsdp_prefetch)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     if resume_from is not None:
@@ -646,7 +649,10 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         say(point.describe())
         return point
 
-    def save(step: int) -> str:
+    sharded = config.checkpoint.format == "sharded" or (config.checkpoint.format == "auto"
+                                                         and run.dist.strategy == "fsdp2")
+
+    def save(step: int, *, last: bool = False) -> str:
         if not weights_finite(ctx.model, run.dist):
             where = f"the last good checkpoint is {saved_path}" if saved_path else "no checkpoint was saved"
             raise TrainingStoppedError(
@@ -665,7 +671,8 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
         return ckpt.save_checkpoint(
             run.run_dir, step=step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
             extra=extra, tokenizer_dir=tokenizer_dir, keep=config.checkpoint.keep,
-            plugin_state={name: obj.state_dict() for name, obj in ctx.plugin_state.items()},
+            plugin_state={name: obj.state_dict() for name, obj in ctx.plugin_state.items()}, sharded=sharded,
+            full_weights=config.checkpoint.full_weights == "every" or last or step == t.steps,
         )  # fmt: skip
 
     step, saved_path = run.start_step, run.resume_from
@@ -680,7 +687,8 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
             ckpt.restore_rng(state)  # last: after model init and everything else that draws random numbers
         with stop:
             window_tokens, window_time, step_time = 0, 0.0, None
-            while step < t.steps and (stop_signal := _agreed_signal(stop.signum, run.dist)) is None:
+            vote = SignalVote(run.dist)
+            while step < t.steps and (stop_signal := vote.poll(stop.signum)) is None:
                 tic = time.perf_counter()
                 micro = [distributed.local_share(indexed_batch(run.data.train, run.sampler.take(t.batch_size)),
                                                  run.dist) for _ in range(t.grad_accum)]
@@ -706,9 +714,9 @@ def execute_run(run: PreparedRun, *, started: float | None = None) -> RunResult:
                 if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == t.steps:
                     saved_path = save(step)
             if stop_signal is None:  # a signal during the last step (every rank reaches this line)
-                stop_signal = _agreed_signal(stop.signum, run.dist)
+                stop_signal = vote.final(stop.signum)
             if stop_signal is not None:
-                saved_path = save(step)
+                saved_path = save(step, last=True)
                 name = signal.Signals(stop_signal).name
                 say(f"stopped by {name} after step {step}: checkpoint saved to {saved_path}; continue with --resume")
     finally:
@@ -767,8 +775,7 @@ def start_distributed(config: Config) -> tuple[torch.device, distributed.Distrib
     """This rank's device and place in a ``torchrun`` job (one process: the configured device, no group).
 
     Checks first what every rank would refuse alike (``ConfigError``, nothing joined or written): a
-    ``train.batch_size`` that does not split over the ranks, a ``train.device`` naming one GPU, neuron
-    omission under FSDP2."""
+    ``train.batch_size`` that does not split over the ranks, a ``train.device`` naming one GPU."""
     import torch.distributed as dist
 
     t = config.train
@@ -779,10 +786,6 @@ def start_distributed(config: Config) -> tuple[torch.device, distributed.Distrib
         if t.batch_size % world:
             raise ConfigError(f"train.batch_size={t.batch_size} is the global micro-batch and must split evenly over "
                               f"the {world} ranks; use a multiple of {world}")
-        if t.distributed == "fsdp2" and config.neurons.enabled:
-            # the omitter slices weights and protects optimizer rows of whole tensors, not of FSDP2 shards
-            raise ConfigError("neurons: neuron omission does not support train.distributed=fsdp2 yet; "
-                              "use train.distributed=ddp")
         try:
             name = distributed.rank_device(t.device, int(os.environ.get("LOCAL_RANK", "0")))
         except ValueError as err:
@@ -802,16 +805,59 @@ def _rank_zero_value(value: str, info: distributed.Distributed) -> str:
     return box[0]
 
 
-def _agreed_signal(signum: int | None, info: distributed.Distributed) -> int | None:
-    """The stop signal any rank has received (ranks see SIGINT / SIGTERM at different steps; all must stop
-    after the same one, or the next step's collectives would wait forever)."""
-    if not info.enabled:
-        return signum
-    import torch.distributed as dist
+class SignalVote:
+    """The ranks' agreement on a stop signal (SIGINT / SIGTERM reach ranks at different steps; all must stop
+    after the same step, or the next step's collectives would wait forever), without a blocking collective
+    or a host sync per step.
 
-    flag = torch.tensor([signum or 0], device=_collective_device(info))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
+    Each ``poll`` launches this rank's vote (its signal number, 0 for none) as an asynchronous MAX all-reduce
+    on a CPU (gloo) group of its own, and returns the outcome of the vote launched by the previous ``poll``,
+    long finished by then: no CUDA stream is waited for, and the vote never queues behind the step's NCCL
+    collectives. The price: a run stops one step later than with a vote read at once. ``final`` waits for
+    the last vote and takes a blocking one (every rank calls it once, after the loop). One process: ``poll``
+    returns the signal itself."""
+
+    def __init__(self, info: distributed.Distributed) -> None:
+        import torch.distributed as dist
+
+        self.enabled = info.enabled
+        self.group = dist.new_group(backend="gloo") if self.enabled else None  # collective: every rank, once
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def _launch(self, signum: int | None, *, wait: bool) -> int | None:
+        import torch.distributed as dist
+
+        vote = torch.tensor([signum or 0], dtype=torch.int64)
+        work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group, async_op=not wait)
+        if wait:
+            return int(vote.item()) or None
+        self._pending = (work, vote)
+        return None
+
+    def _collect(self) -> int | None:
+        if self._pending is None:
+            return None
+        work, vote = self._pending
+        self._pending = None
+        work.wait()
+        return int(vote.item()) or None
+
+    def poll(self, signum: int | None) -> int | None:
+        """The signal agreed by the previous poll's vote (None at the first poll), after launching this one."""
+        if not self.enabled:
+            return signum
+        agreed = self._collect()
+        if agreed is None:
+            self._launch(signum, wait=False)
+        return agreed
+
+    def final(self, signum: int | None) -> int | None:
+        """The signal any rank has now (the outstanding vote included): a blocking vote."""
+        if not self.enabled:
+            return signum
+        earlier = self._collect()
+        now = self._launch(signum, wait=True)
+        return earlier or now
 
 
 def _collective_device(info: distributed.Distributed) -> torch.device:

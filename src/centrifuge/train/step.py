@@ -41,6 +41,11 @@ class MicroLoss:
     num_counted: Tensor  # int64 scalar: tokens that count (the kept tokens; = valid label tokens when dense)
     num_valid: Tensor  # int64 scalar: tokens that have a label
     stats: dict[str, float] = field(default_factory=dict)  # extra numbers for the progress bar / metrics
+    # int64 scalar or None: the counted tokens of this micro-batch over *all ranks*, when the loss function knows
+    # it without communicating (token filtering selects on the all-gathered global micro-batch, so the global
+    # kept count is a sum over the global mask). When every micro-batch of a step has it, ``train_step`` scales
+    # the gradients without waiting for its count all-reduce (launched async, waited for at the step's host sync).
+    global_counted: Tensor | None = None
 
 
 LossFn = Callable[[nn.Module, Batch], MicroLoss]
@@ -144,8 +149,18 @@ def train_step(
       and scales by ``1 / global_count``.
     - ``True`` / ``False``: the caller's wrapper averages / sums them; the step only scales.
 
+    The global count without a blocking collective: when every micro-batch's ``MicroLoss.global_counted``
+    is set (token filtering under ``centrifuge train`` selects on the all-gathered global micro-batch, so it
+    knows the global kept count locally), the gradients are scaled by that device scalar at once and the
+    one all-reduce of the step's sums (counts, tokens, loss, for reporting and checks) is launched with
+    ``async_op=True``; it is waited for only after clipping, where the step reads the gradient norm anyway.
+    Otherwise (dense training) the count's all-reduce must come before the scaling, but nothing is read on
+    the host there either: on NCCL it is ordered on the streams, and the host waits once per step, for the
+    counts, loss and gradient norm together, right before ``optimizer.step()``.
+
     Raises ``NoCountedTokensError`` if no token counts and ``NonFiniteLossError`` if the loss or the
-    gradient norm is NaN/inf; in both cases the optimizer has not stepped and grads are cleared."""
+    gradient norm is NaN/inf; in both cases the optimizer has not stepped and grads are cleared (the
+    ``after_backward`` hooks have run: the check is made at the step's one host sync, after them)."""
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
     hooks = hooks or StepHooks()
@@ -158,6 +173,7 @@ def train_step(
     counted = torch.zeros((), dtype=torch.int64, device=device)
     valid = torch.zeros((), dtype=torch.int64, device=device)
     tokens = torch.zeros((), dtype=torch.int64, device=device)
+    known_global: Tensor | None = torch.zeros((), dtype=torch.int64, device=device)  # None once one is unknown
     stats_sum: dict[str, float] = {}
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -169,16 +185,47 @@ def train_step(
         loss_total += micro.loss_sum.detach().double()
         counted += micro.num_counted.detach().to(device)
         valid += micro.num_valid.detach().to(device)
+        if known_global is not None and micro.global_counted is not None:
+            known_global += micro.global_counted.detach().to(device)
+        else:
+            known_global = None
         tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         for key, value in micro.stats.items():
             stats_sum[key] = stats_sum.get(key, 0.0) + float(value)
 
     totals = torch.stack([counted.double(), valid.double(), tokens.double(), loss_total])
-    world_size = 1
-    if dist.is_available() and dist.is_initialized():
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    pending = None  # the async all-reduce of the sums, waited for at the host sync below
+    if world_size > 1 and known_global is not None:  # the count needs no collective: the sums go async
+        pending = dist.all_reduce(totals, async_op=True)
+    elif world_size > 1:  # the scale needs the global count; stream-ordered on NCCL (no host sync here)
         dist.all_reduce(totals)
-        world_size = dist.get_world_size()
-    global_counted, global_valid, global_tokens, global_loss = totals.tolist()  # the step's one host sync
+    global_count = known_global.double() if known_global is not None else totals[0]
+
+    averaged = grads_averaged_over_ranks
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if world_size > 1 and averaged is None:
+        averaged = distributed.averages_gradients(model)
+        if not averaged:  # nobody synchronized them: sum over ranks here
+            distributed.all_reduce_gradients(params)
+    if params:  # a device scalar: no host read of the count before the gradients are scaled
+        torch._foreach_mul_([_local(p.grad) for p in params], (world_size if averaged else 1) / global_count)
+    for hook in hooks.after_backward:
+        hook(step)
+
+    # With max_norm=inf the clip coefficient is exactly 1: the call only measures the norm.
+    norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf) if params
+            else torch.zeros((), device=device))
+    if pending is not None:
+        pending.wait()
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # an FSDP2 (DTensor) norm
+    host = torch.cat([totals, global_count.reshape(1), norm.detach().double().reshape(1).to(totals.device)])
+    global_counted_sum, global_valid, global_tokens, global_loss, global_counted, grad_norm = \
+        host.tolist()  # the step's one host sync
+    if global_counted != global_counted_sum:  # a loss function whose global count disagrees with its local ones
+        optimizer.zero_grad(set_to_none=True)
+        raise RuntimeError(f"step {step}: the loss function's global counted tokens ({global_counted:.0f}) differ "
+                           f"from the sum of the ranks' counts ({global_counted_sum:.0f})")
 
     if global_counted == 0:
         optimizer.zero_grad(set_to_none=True)
@@ -187,21 +234,6 @@ def train_step(
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(step, "loss", loss)
-
-    averaged = grads_averaged_over_ranks
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if world_size > 1 and averaged is None:
-        averaged = distributed.averages_gradients(model)
-        if not averaged:  # nobody synchronized them: sum over ranks here
-            distributed.all_reduce_gradients(params)
-    scale = (world_size if averaged else 1) / global_counted
-    if params:
-        torch._foreach_mul_([p.grad for p in params], scale)
-    for hook in hooks.after_backward:
-        hook(step)
-
-    # With max_norm=inf the clip coefficient is exactly 1: the call only measures the norm.
-    grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) if params else 0.0
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(step, "gradient norm", grad_norm)
@@ -227,9 +259,9 @@ def train_step(
     )
 
 
-def _as_float(value: Tensor) -> float:
-    """A scalar tensor as a float; an FSDP2 (DTensor) norm is gathered first."""
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of an FSDP2 (DTensor) gradient, in place-writable; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

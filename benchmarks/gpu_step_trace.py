@@ -25,6 +25,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_host_overhead import build, make_step, slug  # noqa: E402
+from multi_gpu import union  # noqa: E402  (merged busy intervals: one definition)
 
 from centrifuge.bench.variants import random_keep_mask  # noqa: E402
 from centrifuge.models.presets import preset_config  # noqa: E402
@@ -32,16 +33,6 @@ from centrifuge.models.presets import preset_config  # noqa: E402
 PHASES = ("plan", "forward", "backward", "optimizer")
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
             "cudaMemcpyAsync", "cudaStreamWaitEvent")
-
-
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def summarise(trace: dict, *, gap_ms: float) -> dict:
@@ -57,7 +48,7 @@ def summarise(trace: dict, *, gap_ms: float) -> dict:
     for s in steps:
         t0, t1 = s["ts"], s["ts"] + s["dur"]
         inside = sorted((g for g in gpu if t0 <= g[0] < t1), key=lambda g: g[0])
-        busy = _union([(a, min(b, t1)) for a, b, _ in inside])
+        busy = union([(a, min(b, t1)) for a, b, _ in inside])
         busy_us = sum(b - a for a, b in busy)
 
         def phase_at(t: float) -> str:

@@ -45,13 +45,15 @@ VERSION = "0.1.0"
 
 def test_every_readme_block_is_run_by_a_test_or_exempt_with_a_reason():
     blocks = readme_blocks()
+    runs_examples = "".join((ROOT / "tests" / f).read_text(encoding="utf-8") for f in ("test_examples.py", "conftest.py"))
     assert len(blocks) >= 15, "the README's fenced blocks were not found"
     unmarked = [f"README line {b.line} ({b.lang or 'no language'})" for b in blocks if b.kind is None]
     assert not unmarked, f"fenced blocks that no test runs (mark them, see tests/readme_blocks.py): {unmarked}"
     for b in blocks:
         where = f"README line {b.line}"
         if b.kind == "example":
-            assert (ROOT / b.name).is_file(), f"{where}: no file {b.name}"  # test_examples runs it, quoted verbatim
+            assert (ROOT / b.name).is_file(), f"{where}: no file {b.name}"  # test_examples checks the copy
+            assert f'"{Path(b.name).name}"' in runs_examples, f"{where}: no test runs {b.name}"
         elif b.kind == "snippet":
             assert b.lang == "python", f"{where}: snippets are python (test_readme_snippets runs them)"
         elif b.kind == "shell":

@@ -45,7 +45,8 @@ VERSION = "0.1.0"
 
 def test_every_readme_block_is_run_by_a_test_or_exempt_with_a_reason():
     blocks = readme_blocks()
-    runs_examples = "".join((ROOT / "tests" / f).read_text(encoding="utf-8") for f in ("test_examples.py", "conftest.py"))
+    runs_examples = "".join((ROOT / "tests" / f).read_text(encoding="utf-8")
+                            for f in ("test_examples.py", "conftest.py"))
     assert len(blocks) >= 15, "the README's fenced blocks were not found"
     unmarked = [f"README line {b.line} ({b.lang or 'no language'})" for b in blocks if b.kind is None]
     assert not unmarked, f"fenced blocks that no test runs (mark them, see tests/readme_blocks.py): {unmarked}"

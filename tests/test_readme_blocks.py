@@ -15,10 +15,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -241,31 +241,39 @@ def test_torchrun_block(trained, distributed):
     assert (run / "checkpoints" / f"step-{last:07d}" / "model.safetensors").is_file()
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def tensorboard_runs(command: str, cwd: Path, env: dict[str, str], want: set[str]) -> tuple[set[str], str]:
-    """Start ``tensorboard --logdir ...`` as typed, read its list of runs over HTTP until ``want`` shows
-    (at most a minute), stop it; returns the runs it listed and its output."""
+    """Start ``tensorboard --logdir ...`` as typed, read its list of runs over HTTP (at the address it prints:
+    6006, or the next free port) until ``want`` shows or a minute passed, stop it; returns the runs it listed
+    and its output."""
     server = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in server.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     seen: set[str] = set()
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and server.poll() is None and seen != want:
             time.sleep(0.5)
+            address = re.search(r"TensorBoard \S+ at (http://\S+?)/? ", "".join(lines))
+            if not address:
+                continue
             try:
-                with urllib.request.urlopen("http://localhost:6006/data/runs", timeout=5) as reply:
+                with urllib.request.urlopen(f"{address.group(1)}/data/runs", timeout=5) as reply:
                     seen = set(json.load(reply))
             except OSError:
                 continue
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)  # the server this test started, and its children
-        output = server.communicate(timeout=30)[0]
-    return seen, output
+        server.wait(timeout=30)
+        reader.join(timeout=30)
+    return seen, "".join(lines)
 
 
 def test_plot_block(trained, distributed):
@@ -286,8 +294,6 @@ def test_plot_block(trained, distributed):
     assert (workdir / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
     assert board.split("#")[0].split() == ["tensorboard", "--logdir", "runs/"]
-    if port_in_use(6006):
-        pytest.skip("port 6006 (TensorBoard's) is taken on this machine")
     want = {f"{run.removeprefix('runs/')}/tb" for run in runs}  # one stream per run, the resumed ones too
     seen, output = tensorboard_runs(board, workdir, env, want)
     assert seen == want, f"tensorboard listed {seen}, not {want}:\n{output[-3000:]}"

@@ -15,9 +15,9 @@ import os
 import re
 import shutil
 import signal
+import site
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 import urllib.request
@@ -120,11 +120,12 @@ def throwaway_venv(path: Path) -> dict[str, str]:
     config and no index, so nothing can be downloaded. Returns its environment for commands."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
     python = path / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    # This environment's site-packages: pip, setuptools, torch and the rest (not its editable centrifuge,
-    # which is a .pth of its own that a plain path line does not run).
-    (Path(site) / "_installed_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    # This environment's site-packages (and the system's, where it sees them: a GPU machine's torch): pip,
+    # setuptools, torch and the rest; not its editable centrifuge, a .pth of its own that a path line does not run.
+    seen = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    (Path(site_dir) / "_installed_packages.pth").write_text("".join(f"{p}\n" for p in seen))
     pip = path / "bin" / "pip"
     pip.write_text(f"#!{python}\nimport sys\nfrom pip._internal.cli.main import main\nsys.exit(main())\n")
     pip.chmod(0o755)

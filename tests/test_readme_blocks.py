@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from readme_blocks import (
 SHELL_BLOCKS = {"install", "wheel", "train", "plot", "torchrun"}
 CONFIG_BLOCKS = {"tokens"}
 CI_FILES = {".ci/run"}
-VERSION = "0.1.0"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
 
 
 def test_every_readme_block_is_run_by_a_test_or_exempt_with_a_reason():
@@ -149,6 +150,7 @@ def test_install_block_installs_editable_offline(tmp_path):
     installed = run_command(lines[0], repo, env)
     assert f"Successfully installed centrifuge-llm-{VERSION}" in installed.stdout
     assert re.search(r"Requirement already satisfied: tensorboard>=", installed.stdout)  # the extra, offline
+    assert shutil.which("centrifuge", path=env["PATH"]) == str(tmp_path / "venv" / "bin" / "centrifuge")
     version = run_command(lines[1], tmp_path, env)
     assert version.stdout.strip() == lines[1].split("#")[1].strip() == f"centrifuge {VERSION}"
     assert package_dir(tmp_path / "venv", env) == repo / "src" / "centrifuge"  # editable: the clone's files
@@ -166,6 +168,7 @@ def test_wheel_block_builds_a_wheel_that_installs_offline(tmp_path):
     shutil.rmtree(repo)  # the installed wheel stands alone
     package = package_dir(tmp_path / "venv", env)
     assert package.is_relative_to(tmp_path / "venv" / "lib") and (package / "configs" / "default.yaml").is_file()
+    assert shutil.which("centrifuge", path=env["PATH"]) == str(tmp_path / "venv" / "bin" / "centrifuge")
     assert run_command("centrifuge --version", tmp_path, env).stdout.strip() == f"centrifuge {VERSION}"
 
 

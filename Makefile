@@ -14,7 +14,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks experiments examples
+	$(BIN)/ruff check src tests benchmarks experiments examples scripts
 
 bench-cpu: setup
 	$(BIN)/centrifuge bench --preset tiny --device cpu --reps 2

@@ -13,3 +13,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def compare_workspace(tmp_path_factory):
+    """A scratch directory where ``bash examples/compare.sh`` ran at toy size (runs/compare/{dense, ...}): one
+    run of the script for its own test and for the README's plot commands."""
+    from readme_blocks import run_example_script
+
+    root = tmp_path_factory.mktemp("readme")
+    return root, run_example_script("compare.sh", root)

@@ -9,12 +9,8 @@ runs and plots written), not only that it ran.
 from __future__ import annotations
 
 import json
-import os
 import re
 import runpy
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,18 +18,10 @@ import torch
 import yaml
 
 import centrifuge
+from readme_blocks import EXAMPLES, README, ROOT, run_example_script
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-README = ROOT / "README.md"
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
 MARKED = re.compile(r"<!-- (example|snippet): ([\w./-]+) -->\s*```(\w+)\n(.*?)```", re.S)
-TOY = [
-    "model.overrides={vocab_size: 512, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
-    "num_attention_heads: 2, num_key_value_heads: 1}",
-    "data.seq_len=64", "train.batch_size=4", "train.steps=3", "train.warmup_steps=1", "eval.max_batches=1",
-    "log.tensorboard=false", "log.plot=false", "neurons.multiple=16",
-]
 
 
 def readme_region(path: Path) -> str:
@@ -126,24 +114,12 @@ def test_make_corpus_writes_a_clean_half_and_a_noisy_whole(tmp_path):
     assert set(clean) < set(noisy) and len(set(noisy) - set(clean)) == counts["corrupted"] > 0.4 * len(noisy)
 
 
-def run_script(script: str, tmp_path) -> subprocess.CompletedProcess:
-    """``bash examples/SCRIPT --set ...`` in a copy of examples/ (scripts write runs/ of the working dir)."""
-    shutil.copytree(EXAMPLES, tmp_path / "examples")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    args = [arg for item in [*TOY, f"data.cache_dir={tmp_path / 'cache'}"] for arg in ("--set", item)]
-    out = subprocess.run(["bash", f"examples/{script}", *args], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
 def train_records(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
 def test_rho1_script(tmp_path):
-    out = run_script("rho1.sh", tmp_path)
+    out = run_example_script("rho1.sh", tmp_path)
     runs = tmp_path / "runs" / "rho1"
     manifest = json.loads((runs / "scores" / "manifest.json").read_text())
     assert manifest and (runs / "compare.png").read_bytes()[:4] == b"\x89PNG"
@@ -154,9 +130,9 @@ def test_rho1_script(tmp_path):
     assert "\r" not in out.stdout + out.stderr  # output is not a terminal: no progress-bar debris
 
 
-def test_compare_script(tmp_path):
-    run_script("compare.sh", tmp_path)
-    root = tmp_path / "runs" / "compare"
+def test_compare_script(compare_workspace):
+    workdir, _ = compare_workspace
+    root = workdir / "runs" / "compare"
     assert (root / "compare.png").read_bytes()[:4] == b"\x89PNG"
     configs = {name: yaml.safe_load((root / name / "config.yaml").read_text())
                for name in ("dense", "token_filtering", "neuron_omission", "both")}

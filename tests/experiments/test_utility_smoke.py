@@ -101,8 +101,8 @@ def test_reproducible_and_report_merges(study: Path, tmp_path: Path):
     split = tmp_path / "split"  # another invocation reusing a finished prepared/ directory
     assert _study(split, "random_k0.5", "1", "--no-report", "--prepared", str(study / "prepared")) == 0
     assert _results(split)[("random_k0.5", 1)]["final_eval_loss"] == first[("random_k0.5", 1)]["final_eval_loss"]
-    late = tmp_path / "late"  # a time budget already spent: nothing starts, exit status 1, prepared/ kept
-    assert _study(late, "dense", "0", "--no-report", "--budget-s", "0.001", "--prepared", str(study / "prepared")) == 1
+    late = tmp_path / "late"  # budget already spent (1 ns; reusing prepared/ can take < 1 ms): exit 1, prepared/ kept
+    assert _study(late, "dense", "0", "--no-report", "--budget-s", "1e-9", "--prepared", str(study / "prepared")) == 1
     assert not _results(late) and (late / "prepared" / "prepared.json").is_file()
     merged = report.write_report([str(again), str(split)], str(tmp_path / "merged"))
     assert {row["arm"] for row in merged["table"]} == {"dense", "centrifuge_k0.5", "random_k0.5"}

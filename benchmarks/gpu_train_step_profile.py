@@ -47,28 +47,24 @@ def main(out: str, extra: list[str]) -> None:
 
         with modeling_names_restored():
             run = prepare_run(config)
-            ctx, t = run.context, config.train
+            t = config.train
             build, step_s = [], []
             for step in range(1, STEPS + 1):
                 torch.cuda.synchronize()
                 tic = time.perf_counter()
                 batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
                 mid = time.perf_counter()
-                train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
-                           loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
-                           hooks=ctx.hooks)
+                _step(run, batch, step)
                 torch.cuda.synchronize()
                 build.append(mid - tic)
                 step_s.append(time.perf_counter() - mid)
             if os.environ.get("SYNC_DEBUG"):  # where the step makes the host wait for the GPU, one step
-                _record_syncs(run, ctx, t, STEPS + 4, os.path.join(out, f"{arm}_syncs.txt"))
+                _record_syncs(run, STEPS + 4, os.path.join(out, f"{arm}_syncs.txt"))
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for step in range(STEPS + 1, STEPS + 4):
                     batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
-                    train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
-                               loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm,
-                               autocast_dtype=run.autocast_dtype, hooks=ctx.hooks)
+                    _step(run, batch, step)
                 torch.cuda.synchronize()
             with open(os.path.join(out, f"{arm}.txt"), "w") as f:
                 f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
@@ -84,7 +80,14 @@ def main(out: str, extra: list[str]) -> None:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "arms": results}, f, indent=1)
 
 
-def _record_syncs(run, ctx, t, step: int, path: str) -> None:
+def _step(run, batch: dict[str, torch.Tensor], step: int) -> None:
+    """One optimizer step of ``run`` (``prepare_run``'s) on ``batch``, as the training loop takes it."""
+    ctx, t = run.context, run.config.train
+    train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step, loss_fn=ctx.loss_fn,
+               max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype, hooks=ctx.hooks)
+
+
+def _record_syncs(run, step: int, path: str) -> None:
     """One step under ``torch.cuda.set_sync_debug_mode("warn")``: every host-device synchronisation becomes a
     warning; their call sites (innermost frame in centrifuge, else the innermost) are counted into ``path``."""
     import collections
@@ -99,16 +102,14 @@ def _record_syncs(run, ctx, t, step: int, path: str) -> None:
         frame = (ours or frames)[-1]
         sites[f"{frame.filename.split('src/')[-1]}:{frame.lineno} {frame.name}"] += 1
 
-    batch = indexed_batch(run.data.train, run.sampler.take(t.batch_size))
+    batch = indexed_batch(run.data.train, run.sampler.take(run.config.train.batch_size))
     torch.cuda.synchronize()
     with warnings.catch_warnings():  # restores warnings.showwarning on exit
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_step(ctx.train_model or ctx.model, [batch], ctx.optimizer, ctx.scheduler, step=step,
-                       loss_fn=ctx.loss_fn, max_grad_norm=t.max_grad_norm, autocast_dtype=run.autocast_dtype,
-                       hooks=ctx.hooks)
+            _step(run, batch, step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     with open(path, "w") as f:

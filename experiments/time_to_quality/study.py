@@ -364,17 +364,7 @@ def run_arm(
     budget and the next-line exact match to ``result.json``. Returns the result (None on failure)."""
     if os.path.isfile(os.path.join(utility.run_dir_of(out, arm, seed), utility.RESULT)) and not force:
         return utility.run_arm(out, profile, arm, seed, device=device, prepared=prepared, say=say)
-    from centrifuge.models.liger import modeling_names_restored
-
-    with modeling_names_restored():  # the dense arm's Liger patch (model.liger) must not reach the next arm
-        return _calibrate_and_train(out, profile, arm, seed, device=device, prepared=prepared, force=force, say=say)
-
-
-def _calibrate_and_train(
-    out: str, profile: TimeProfile, arm: str, seed: int, *, device: str, prepared: dict[str, Any],
-    force: bool, say: Callable[[str], None],
-) -> dict[str, Any] | None:  # fmt: skip
-    cal = calibrate(out, profile, arm, device=device, say=say)
+    cal = calibrate(out, profile, arm, device=device, say=say)  # time_steps restores the modeling names itself
     p = _paths(out)
     overrides = [*ttq_arm_overrides(arm, profile), *schedule_overrides(profile, cal["steps"]),
                  f"data.token_cache={p['cache']}"]  # fmt: skip
@@ -391,5 +381,8 @@ def _calibrate_and_train(
         return {**numbers, "budget_s": profile.budget_s, "calibrated_step_s": cal["step_s"],
                 "tokens_per_step": tokens_per_step}  # fmt: skip
 
-    return utility.run_arm(out, profile, arm, seed, device=device, prepared=prepared, force=force, say=say,
-                           overrides=overrides, measure=measure)  # fmt: skip
+    from centrifuge.models.liger import modeling_names_restored
+
+    with modeling_names_restored():  # the dense arm's Liger patch (model.liger) must not reach the next arm
+        return utility.run_arm(out, profile, arm, seed, device=device, prepared=prepared, force=force, say=say,
+                               overrides=overrides, measure=measure)  # fmt: skip

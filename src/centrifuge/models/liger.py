@@ -26,7 +26,7 @@ import contextlib
 import importlib
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.nn as nn
@@ -92,19 +92,22 @@ class LigerDense:
     def revert(self) -> None:
         """Restore the modeling module's names and every module's instance attributes as they were."""
         if self._module is not None:
-            now = vars(self._module)
-            for name in [n for n in now if n not in self._module_vars]:
-                delattr(self._module, name)
-            for name, value in self._module_vars.items():
-                if now.get(name, _MISSING) is not value:
-                    setattr(self._module, name, value)
+            _restore_names(vars(self._module), self._module_vars, delete=lambda n: delattr(self._module, n),
+                           assign=lambda n, v: setattr(self._module, n, v))
         for module, before in self._instance_vars.values():
             now = vars(module)
-            for name in [n for n in now if n not in before]:
-                del now[name]
-            for name, value in before.items():
-                if now.get(name, _MISSING) is not value:
-                    now[name] = value
+            _restore_names(now, before, delete=now.__delitem__, assign=now.__setitem__)
+
+
+def _restore_names(now: dict[str, Any], before: dict[str, Any], *, delete: Callable[[str], None],
+                   assign: Callable[[str, Any], None]) -> None:
+    """Make the namespace ``now`` hold exactly ``before`` again: added names deleted, changed ones put back
+    (through ``delete`` / ``assign``: ``setattr`` for modules, item assignment for instance ``__dict__``s)."""
+    for name in [n for n in now if n not in before]:
+        delete(name)
+    for name, value in before.items():
+        if now.get(name, _MISSING) is not value:
+            assign(name, value)
 
 
 _MISSING = object()
@@ -125,9 +128,5 @@ def modeling_names_restored() -> Iterator[None]:
         yield
     finally:
         for name, module in modules.items():
-            now = vars(module)
-            for key in [k for k in now if k not in before[name]]:
-                delattr(module, key)
-            for key, value in before[name].items():
-                if now.get(key, _MISSING) is not value:
-                    setattr(module, key, value)
+            _restore_names(vars(module), before[name], delete=lambda n, m=module: delattr(m, n),
+                           assign=lambda n, v, m=module: setattr(m, n, v))

@@ -20,6 +20,8 @@ forward runs the dense model's SDPA kernels (cuDNN / FlashAttention) on plain ca
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from centrifuge.ops.attention_triton import SUPPORTED_HEAD_DIMS, TritonKeptAttention, plain_causal_rows
@@ -85,11 +87,12 @@ class MathAttention:
         dk = torch.zeros(M, Hkv, D, dtype=ct, device=do_k.device)
         dv = torch.zeros(M, Hkv, D, dtype=ct, device=do_k.device)
         T = layout.seqlen
-        kept_row_of = keep // T
-        for b in range(layout.batch):
-            sel = torch.nonzero(kept_row_of == b).flatten()  # positions in the compact [M] arrays
-            if sel.numel() == 0:
+        # keep is sorted: batch row b's kept rows are one slice [lo, hi) of the compact [M] arrays (one host read)
+        bounds = torch.searchsorted(keep, torch.arange(0, (layout.batch + 1) * T, T, device=keep.device)).tolist()
+        for b, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            if lo == hi:
                 continue
+            sel = slice(lo, hi)
             rows = torch.arange(b * T, (b + 1) * T, device=do_k.device)
             kq = keep[sel]  # flat row ids of kept queries / keys in this batch row
             qb = q[sel].to(ct).view(-1, Hkv, G, D)

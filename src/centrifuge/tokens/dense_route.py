@@ -63,12 +63,13 @@ def eligible(model: nn.Module, spec: ArchSpec, *, attention_mask, position_ids, 
     return True
 
 
-def covers_all(keep_mask: torch.Tensor, valid: torch.Tensor) -> bool:
-    """Whether keep_mask [B, T] keeps every valid [B, T] position except perhaps the last of each row (one
-    host sync)."""
+def uncovered(keep_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B·T] bool: the valid positions of valid [B, T] that keep_mask [B, T] drops, except the last of each row
+    (which no query reads and whose prediction has no target). None True ⇔ the step is all-kept. No host read:
+    the caller counts these with its own (``tokens.forward._resolve_keep``)."""
     need = valid.clone()
     need[:, -1] = False
-    return bool((keep_mask | ~need).all())
+    return (need & ~keep_mask).reshape(-1)
 
 
 def dense_layer(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

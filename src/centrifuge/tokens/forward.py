@@ -233,16 +233,25 @@ class _Batch:
         return cls(B, T, targets, (targets != IGNORE_INDEX) & valid, valid, position_ids.expand(B, T))
 
 
-def _resolve_keep(batch: _Batch, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final keep rows (sorted [M]) and counted mask [N]; refuses an empty selection."""
+def _resolve_keep(batch: _Batch, keep: torch.Tensor, *, uncovered: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(final keep rows, sorted [M]; counted mask [N]; whether ``uncovered`` [N] bool is all False) — refuses an
+    empty selection.
+
+    One host read for all three (the step is host-bound on a GPU, each read a synchronisation): the kept and
+    counted totals and the number of ``uncovered`` rows come back together, and the kept rows are gathered
+    with a size known by then (``nonzero_static``, no second read)."""
     keep = keep.reshape(-1) & batch.valid
     counted = keep & batch.labelled
-    if not bool(counted.any()):
+    totals = [keep.sum(), counted.sum()] + ([] if uncovered is None else [uncovered.sum()])
+    num_kept, num_counted, *rest = torch.stack(totals).tolist()
+    if num_counted == 0:
         raise EmptySelectionError(
             "no token of this batch is kept (all filtered, padded or unlabelled); refusing to run a step "
             "that would train on nothing"
         )
-    return torch.nonzero(keep).flatten(), counted
+    rows = torch.nonzero_static(keep, size=num_kept).flatten()
+    return rows, counted, bool(rest) and rest[0] == 0
 
 
 def _select(select: Selector, batch: _Batch, token_loss_flat: torch.Tensor) -> torch.Tensor:
@@ -300,12 +309,20 @@ def fast_forward(
     batch = _Batch.make(input_ids, attention_mask, position_ids, labels)
     if elementwise == "auto":
         elementwise = "compiled" if input_ids.is_cuda else "eager"
-    if keep_mask is not None:
+    keep_rows = counted = None
+    if keep_mask is not None:  # (one host read: the counts, and whether the step is all-kept)
         _check_selection(keep_mask, "keep_mask", (batch.B, batch.T))
-        routed = _dense_route(model, spec, batch, input_ids, attention_mask, position_ids, keep_mask, select,
-                              return_token_loss, num_items_in_batch)
-        if routed is not None:
-            return routed
+        ops = dense_route.route_ops(input_ids.device)
+        if ops is not None and not dense_route.eligible(model, spec, attention_mask=attention_mask,
+                                                        position_ids=position_ids, select=select,
+                                                        return_token_loss=return_token_loss):
+            ops = None
+        uncovered = None if ops is None else dense_route.uncovered(keep_mask, batch.valid.view(batch.B, batch.T))
+        keep_rows, counted, all_kept = _resolve_keep(batch, keep_mask, uncovered=uncovered)
+        if all_kept:
+            targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
+            loss_sum = dense_route.dense_loss_sum(model, input_ids, targets, ops, call_layer)
+            return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, None)
     inner = model.model
     B, T = batch.B, batch.T
     embeds = inner.embed_tokens(input_ids)  # [B, T, d] (scaled inside the module where the family does: Gemma)
@@ -323,7 +340,6 @@ def fast_forward(
     softcap = spec.scalar(model.config, spec.attn_softcap)
     layouts: dict[tuple, TokenLayout] = {(None, None): base}
     ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-    keep_rows, counted = (None, None) if keep_mask is None else _resolve_keep(batch, keep_mask)
     router_logits = _wants_router_logits(model, spec)
     step = StepState(keep=keep_rows, attention=attention, elementwise=elementwise, backward=backward,
                      router_logits=router_logits)
@@ -351,27 +367,12 @@ def fast_forward(
             all_loss = _score_rows(model, spec, _final_norm(model, h), batch.targets)
     if select is not None:
         # made once, here; it reaches the layers' backward as the row indices of the gradient (GatherRows)
-        keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))
+        keep_rows, counted = _resolve_keep(batch, _select(select, batch, all_loss))[:2]
     h_kept = GatherRows.apply(h, keep_rows)
     kept_targets = batch.targets.masked_fill(~counted, IGNORE_INDEX).index_select(0, keep_rows)
     loss_sum = _kept_loss_sum(model, spec, _final_norm(model, h_kept), kept_targets)
     aux = _aux_loss(model, spec, routers, counted, batch) if router_logits else None
     return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, all_loss, model, aux)
-
-
-def _dense_route(model, spec, batch: _Batch, input_ids, attention_mask, position_ids, keep_mask, select,
-                 return_token_loss, num_items_in_batch) -> TokenFilterOutput | None:
-    """An all-kept step as the plain dense step (``centrifuge.tokens.dense_route``), or None when not taken."""
-    ops = dense_route.route_ops(input_ids.device)
-    if ops is None or not dense_route.eligible(model, spec, attention_mask=attention_mask, position_ids=position_ids,
-                                               select=select, return_token_loss=return_token_loss):
-        return None
-    if not dense_route.covers_all(keep_mask, batch.valid.view(batch.B, batch.T)):
-        return None
-    keep_rows, counted = _resolve_keep(batch, keep_mask)
-    targets = batch.targets.masked_fill(~counted, IGNORE_INDEX)
-    loss_sum = dense_route.dense_loss_sum(model, input_ids, targets, ops, call_layer)
-    return _finish(loss_sum, counted, keep_rows, batch, num_items_in_batch, None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -414,7 +415,7 @@ def reference_forward(
         keep_mask = _select(select, batch, all_loss)
     if keep_mask is None:
         raise ValueError("pass keep_mask or select")
-    keep_rows, counted = _resolve_keep(batch, keep_mask)
+    keep_rows, counted = _resolve_keep(batch, keep_mask)[:2]
     kwargs = {}
     if detach_filtered_kv:
         keep_bt = torch.zeros_like(batch.valid)

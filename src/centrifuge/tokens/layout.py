@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 
@@ -65,10 +66,21 @@ class TokenLayout:
         position_ids: torch.Tensor | None = None,
         sliding_window: int | None = None,
     ) -> TokenLayout:
-        """Build the layout of a [B, T] batch (``attention_mask`` / ``position_ids`` as given to HF)."""
+        """Build the layout of a [B, T] batch (``attention_mask`` / ``position_ids`` as given to HF).
+
+        Host reads (each a GPU synchronisation, and the token-sparse step is host-bound): none for plain rows
+        (no mask, no position ids: one segment per row, known from the shape); otherwise one copy of the [N]
+        segment keys to the host, where the runs, the contiguity and the segment lengths are counted."""
         B, T = batch, seqlen
         t = torch.arange(T, device=device).expand(B, T)
         row = torch.arange(B, device=device)[:, None].expand(B, T)
+        if attention_mask is None and position_ids is None:  # one causal segment per row, nothing to read
+            return cls(
+                batch=B, seqlen=T, segment=row.reshape(-1), index=t.reshape(-1),
+                valid=torch.ones(B * T, dtype=torch.bool, device=device), sliding_window=sliding_window,
+                contiguous=True, cu_seqlens=torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device),
+                max_seqlen=T,
+            )
         if attention_mask is not None:
             if attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)}")
@@ -76,30 +88,31 @@ class TokenLayout:
             doc = torch.zeros(B, T, dtype=torch.long, device=device)
         else:
             valid = torch.ones(B, T, dtype=torch.bool, device=device)
-            if position_ids is None:
-                doc = torch.zeros(B, T, dtype=torch.long, device=device)
-            else:
-                pos = position_ids.expand(B, T)
-                diff = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)
-                doc = (diff != 1).long().cumsum(-1)
+            pos = position_ids.expand(B, T)
+            diff = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)
+            doc = (diff != 1).long().cumsum(-1)
         # Segment key: (row, doc) for real tokens; every padding token its own singleton segment.
         key = row * (T + 1) + doc
         key = torch.where(valid, key, B * (T + 1) + row * T + t)
         flat_key = key.reshape(-1)
-        # Runs of equal keys in row order; contiguous iff no segment key appears in two runs.
-        starts = torch.ones_like(flat_key, dtype=torch.bool)
-        starts[1:] = flat_key[1:] != flat_key[:-1]
-        run_id = starts.long().cumsum(0) - 1
-        num_runs = int(run_id[-1].item()) + 1
-        num_keys = int(torch.unique(flat_key).numel())
-        contiguous = num_runs == num_keys
-        run_starts = torch.nonzero(starts).flatten()
-        cu = torch.cat([run_starts, torch.tensor([flat_key.numel()], device=device)]).to(torch.int32)
-        max_seqlen = int((cu[1:] - cu[:-1]).max().item())
+        # Runs of equal keys in row order; contiguous iff no segment key appears in two runs. Counted on the host
+        # (numpy) from one copy of the keys; the run ids themselves are made on the device (no copy back).
+        host_key = flat_key.cpu().numpy()
+        run_starts = np.flatnonzero(np.concatenate([[True], host_key[1:] != host_key[:-1]]))
+        contiguous = run_starts.size == np.unique(host_key).size
+        cu_host = np.append(run_starts, host_key.size)
+        max_seqlen = int(np.diff(cu_host).max())
+        cu = torch.from_numpy(cu_host.astype(np.int32))
+        if contiguous:
+            starts = torch.ones_like(flat_key, dtype=torch.bool)
+            starts[1:] = flat_key[1:] != flat_key[:-1]
+            segment = starts.long().cumsum(0) - 1
+        else:
+            segment = flat_key
         return cls(
-            batch=B, seqlen=T, segment=run_id if contiguous else flat_key, index=t.reshape(-1),
-            valid=valid.reshape(-1), sliding_window=sliding_window, contiguous=contiguous,
-            cu_seqlens=cu, max_seqlen=max_seqlen,
+            batch=B, seqlen=T, segment=segment, index=t.reshape(-1), valid=valid.reshape(-1),
+            sliding_window=sliding_window, contiguous=contiguous, cu_seqlens=cu.to(device, non_blocking=True),
+            max_seqlen=max_seqlen,
         )
 
     def visible(self, q_rows: torch.Tensor, k_rows: torch.Tensor) -> torch.Tensor:

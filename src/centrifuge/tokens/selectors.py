@@ -75,7 +75,17 @@ def _keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:
 def _check_shapes(scores: torch.Tensor, valid: torch.Tensor, name: str = "scores") -> None:
     if scores.shape != valid.shape:
         raise ValueError(f"{name} {tuple(scores.shape)} and valid {tuple(valid.shape)} differ in shape")
-    if torch.isnan(scores[valid]).any():
+
+
+def _check_no_nan(valid: torch.Tensor, named: dict[str, torch.Tensor | None]) -> None:
+    """Refuse NaN at ``valid`` [B, T] positions in any of the given [B, T] tensors (None: not given), with one
+    host read for all of them (a GPU synchronisation each; the selection runs every step)."""
+    given = [(name, t) for name, t in named.items() if t is not None]
+    if not given:
+        return
+    flags = torch.stack([(torch.isnan(t.to(valid.device)) & valid).any() for _, t in given])
+    if bool(flags.any()):
+        name = next(name for (name, _), bad in zip(given, flags.tolist(), strict=True) if bad)
         raise ValueError(f"{name} contain NaN at labelled positions")
 
 
@@ -105,6 +115,12 @@ def keep_top(
     """[B, T] bool: the top ``ratio`` of ``valid`` positions by ``scores`` [B, T] (highest first)."""
     ratio, scope = _check_ratio(ratio), _check_scope(scope)
     _check_shapes(scores, valid)
+    _check_no_nan(valid, {"scores": scores})
+    return _keep_top(scores, valid, ratio, scope)
+
+
+def _keep_top(scores: torch.Tensor, valid: torch.Tensor, ratio: float, scope: str) -> torch.Tensor:
+    """``keep_top`` without its checks (no host read)."""
     return _top_k(scores, valid, scope, lambda v: _keep_count(v.sum(-1), ratio))
 
 
@@ -155,9 +171,15 @@ class Selector:
         step: int | None = None,
         reference: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """keep [B, T] bool from ``scores`` / ``reference`` [B, T] float and ``valid`` [B, T] bool."""
+        """keep [B, T] bool from ``scores`` / ``reference`` [B, T] float and ``valid`` [B, T] bool.
+
+        The given inputs are checked for NaN at ``valid`` positions, with one host read (what the selector
+        ranks by is made from them; a random selection is given neither, so it reads nothing back from the
+        GPU)."""
         ranked = self.scores_for(scores=scores, valid=valid, step=step, reference=reference)
-        return keep_top(ranked, valid, self.ratio, self.scope)
+        _check_shapes(ranked, valid)
+        _check_no_nan(valid, {"scores": scores, "reference losses": reference})
+        return _keep_top(ranked, valid, self.ratio, self.scope)
 
     def scores_for(self, *, scores, valid, step, reference) -> torch.Tensor:  # pragma: no cover - abstract
         """[B, T] float: what this selector ranks by (higher = kept first)."""
@@ -220,7 +242,8 @@ class RandomSelector(Selector):
         if step is None:
             step, self._calls = self._calls, self._calls + 1
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + int(step))
-        return torch.rand(valid.shape, generator=gen).to(valid.device)
+        # drawn on the CPU (the same keep set on every device); non_blocking: no stream synchronisation
+        return torch.rand(valid.shape, generator=gen).to(valid.device, non_blocking=True)
 
 
 class LabelMaskSelector(Selector):
@@ -303,7 +326,9 @@ class ThresholdSelector(Selector):
         if scores is None:
             raise ValueError("threshold selection needs the current per-token loss (use it as select=)")
         _check_shapes(scores, valid)
-        excess = scores.double() - _reference_for(reference, valid, "threshold").to(scores.device).double()
+        ref = _reference_for(reference, valid, "threshold")
+        _check_no_nan(valid, {"scores": scores, "reference losses": ref})
+        excess = scores.double() - ref.to(scores.device).double()
         above = (excess > self.tau) & valid
 
         def counts(v: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from centrifuge._io import write_json_atomic
+
 # ------------------------------------------------------------------------------------------- definitions
 
 SHAPE_PRESETS = {"tinyllama": "tinyllama-1.1b"}  # short names; any preset name works too
@@ -90,10 +92,7 @@ def env_rank() -> tuple[int, int, int]:
 
 
 def write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def window_throughput(records: list[dict]) -> tuple[float | None, list[float]]:

@@ -43,6 +43,8 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
+from centrifuge._io import atomic_write, write_json_atomic
+
 ROOTS = ("site-packages", "stdlib", "pydoc")
 TEXT_EXTENSIONS = (".py", ".pyi", ".rst", ".md", ".txt", ".json", ".csv")
 LICENCE_NAMES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
@@ -328,12 +330,15 @@ def build(settings: SourceCorpusSettings) -> SourceCorpus:
 def _write_jsonl(path: str, records: Sequence[dict]) -> str:
     """Write ``records`` one JSON object a line (atomically); returns the file's sha256."""
     digest = hashlib.sha256()
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for record in records:
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-            digest.update(line.encode("utf-8", errors="surrogatepass"))
-            f.write(line)
-    os.replace(path + ".tmp", path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                line = json.dumps(record, ensure_ascii=False) + "\n"
+                digest.update(line.encode("utf-8", errors="surrogatepass"))
+                f.write(line)
+
+    atomic_write(path, write)
     return digest.hexdigest()
 
 
@@ -374,10 +379,7 @@ def write(directory: str, settings: SourceCorpusSettings) -> dict:
         "held_out_files": corpus.held_out_files,
         "fingerprint": hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()[:16],
     }
-    tmp = os.path.join(directory, "manifest.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "manifest.json"))
+    write_json_atomic(os.path.join(directory, "manifest.json"), manifest)
     return manifest
 
 

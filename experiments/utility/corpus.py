@@ -36,6 +36,8 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
+from centrifuge._io import atomic_write
+
 SOURCES = ("pydoc", "docstrings", "comments")
 NOISE_KINDS = ("random", "shuffle", "boilerplate")
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "pydoc_data"}
@@ -261,12 +263,15 @@ def build_corpus(settings: CorpusSettings) -> Corpus:
 def _write_jsonl(path: str, docs: Sequence[Doc]) -> str:
     """Write ``docs`` one JSON record a line; returns the file's sha256."""
     digest = hashlib.sha256()
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for doc in docs:
-            line = json.dumps(doc.record(), ensure_ascii=False) + "\n"
-            digest.update(line.encode("utf-8"))
-            f.write(line)
-    os.replace(path + ".tmp", path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in docs:
+                line = json.dumps(doc.record(), ensure_ascii=False) + "\n"
+                digest.update(line.encode("utf-8"))
+                f.write(line)
+
+    atomic_write(path, write)
     return digest.hexdigest()
 
 

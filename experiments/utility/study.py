@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from centrifuge._io import atomic_write
 from experiments.utility.corpus import read_texts, write_corpus
 from experiments.utility.curves import read_records, run_numbers
 from experiments.utility.profiles import Profile, arm_overrides
@@ -60,9 +61,12 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def _write_json(path: str, data: Any) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    atomic_write(path, lambda tmp: _dump(tmp, data))
+
+
+def _dump(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def _read_json(path: str) -> Any:

@@ -39,7 +39,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from centrifuge._io import sha256_file
+from centrifuge._io import atomic_write, sha256_file, write_json_atomic
 from centrifuge.ops.cross_entropy import IGNORE_INDEX, shift_labels, token_loss_no_grad
 
 FORMAT = "centrifuge-reference-scores"
@@ -244,43 +244,8 @@ _hash_tokenizer = tokenizer_hash  # ReferenceScores takes a ``tokenizer_hash`` a
 # ------------------------------------------------------------------------------------------ disk helpers
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: str) -> str:
-    """A temporary name next to ``path`` (same file system, so ``os.replace`` is atomic); hidden."""
-    directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _save_shard_atomic(path: str, loss: torch.Tensor, metadata: dict[str, str]) -> None:
-    tmp = _tmp_path(path)
-    try:
-        save_file({TENSOR: loss.contiguous()}, tmp, metadata=metadata)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file({TENSOR: loss.contiguous()}, tmp, metadata=metadata))
 
 
 def shard_name(index: int) -> str:
@@ -404,7 +369,7 @@ def write_reference_scores(
             except ReferenceScoresError:
                 os.unlink(path)  # damaged (e.g. disk full): computed again below
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
 
     todo = [i for i in range(num_shards) if i not in done]
     bar = None
@@ -430,12 +395,12 @@ def write_reference_scores(
                     "count": str(count), "model_id": model_id, "format": FORMAT}
             _save_shard_atomic(path, loss, meta)
             entry["sha256"] = sha256_file(path)
-            _write_json_atomic(manifest_path, manifest)
+            write_json_atomic(manifest_path, manifest)
     finally:
         if bar is not None:
             bar.close()
     manifest["complete"] = True
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     return manifest
 
 

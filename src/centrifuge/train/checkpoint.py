@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_model_weights
 from torch import nn
 
-from centrifuge._io import sha256_file
+from centrifuge._io import fsync_path, sha256_file, write_json
 from centrifuge.train import distributed, sharded_checkpoint
 from centrifuge.train.errors import CheckpointError
 
@@ -189,11 +189,11 @@ def save_checkpoint(
             "numpy_rng": _numpy_rng_state(),
             **extra,
         }
-        _write_json(os.path.join(tmp, STATE_FILE), state)
+        write_json(os.path.join(tmp, STATE_FILE), state)
         for name in os.listdir(tmp):
-            _fsync(os.path.join(tmp, name))
+            fsync_path(os.path.join(tmp, name))
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -798,36 +798,3 @@ def _json_able(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
-
-
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-
-
-def _fsync(path: str) -> None:
-    """Flush a file or directory to disk (best effort: some file systems refuse directory fsync)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        _write_json(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

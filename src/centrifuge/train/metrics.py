@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from centrifuge._io import write_text_atomic
 from centrifuge.train.step import StepStats
 
 METRICS_FILE = "metrics.jsonl"
@@ -124,10 +125,7 @@ def _truncate_after(path: str, step: int) -> None:
                     kept.append(line if line.endswith("\n") else line + "\n")
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def step_record(stats: StepStats, tokens_per_s: float) -> dict[str, float]:

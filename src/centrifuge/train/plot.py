@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from centrifuge._io import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 # Keys that differ between any two runs without making them different experiments.
@@ -127,10 +129,7 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float],
 def plot_runs(paths: Sequence[str], out: str, *, title: str | None = None) -> str:
     """Draw the runs named by ``paths`` (see ``find_runs``) into the PNG ``out``; returns ``out``."""
     fig = figure([load_run(p) for p in find_runs(paths)], title=title)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90), suffix=".png")  # (the format is read off the name)
     return out
 
 

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from centrifuge._io import write_json_atomic
 from centrifuge.ops.cross_entropy import IGNORE_INDEX
 from centrifuge.train.errors import DataError
 
@@ -63,13 +64,6 @@ def cache_key(docs: Sequence[Any], tok_hash: str) -> str:
             h.update((b"1" if learned else b"0") + len(data).to_bytes(8, "little"))  # length prefix
             h.update(data)
     return h.hexdigest()[:24]
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def build_token_cache(docs: Sequence[Any], tokenizer: Any, cache_dir: str) -> tuple[str, bool]:
@@ -117,7 +111,7 @@ def build_token_cache(docs: Sequence[Any], tokenizer: Any, cache_dir: str) -> tu
         meta = {"format": FORMAT, "version": VERSION, "key": key, "num_documents": len(docs), "num_tokens": total,
                 "id_dtype": np.dtype(id_dtype).name, "vocab_size": tokenizer.vocab_size,
                 "eos_id": tokenizer.eos_id, "has_learn": any_context}  # fmt: skip
-        _write_json_atomic(os.path.join(tmp, META), meta)
+        write_json_atomic(os.path.join(tmp, META), meta)
         try:
             os.replace(tmp, entry)  # atomic: readers see no entry or a complete one
         except OSError:
@@ -325,7 +319,7 @@ class CachedPackedSequences:
         name = f"{self._seq_len}:{self.pad_id}"
         entry = memo.get(name) if isinstance(memo.get(name), dict) else {}
         with contextlib.suppress(OSError):  # a read-only cache still works (the numbers are computed again)
-            _write_json_atomic(os.path.join(self.cache.entry, FINGERPRINTS), {**memo, name: {**entry, **numbers}})
+            write_json_atomic(os.path.join(self.cache.entry, FINGERPRINTS), {**memo, name: {**entry, **numbers}})
 
     def _remembered(self, key: str, kind: type) -> Any:
         entry = self._memo().get(f"{self._seq_len}:{self.pad_id}")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from centrifuge._io import atomic_write
 from centrifuge.train.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -101,15 +101,7 @@ def cached_bpe(
         except DataError:
             pass  # an unreadable cache entry is rebuilt below (and replaced atomically)
     tokenizer = train_bpe(texts, vocab_size, min_frequency=min_frequency)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    os.close(fd)
-    try:
-        tokenizer.backend.save(tmp)
-        os.replace(tmp, path)  # atomic: concurrent runs never read a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, tokenizer.backend.save, suffix=".json")  # concurrent runs never read a half-written file
     return tokenizer, path, False
 
 
